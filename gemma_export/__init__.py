@@ -1,0 +1,1 @@
+"""gemma-export: Gemma checkpoints to ONNX graphs for edge devices."""

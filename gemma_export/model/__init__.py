@@ -1,0 +1,1 @@
+"""Export-friendly torch modules, one file per graph."""

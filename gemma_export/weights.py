@@ -1,0 +1,181 @@
+"""Checkpoint tensors -> the export model and the host tables, by a declared name map, strictly.
+
+Every checkpoint tensor has exactly one destination (a model parameter, a host table, or both for
+a tied token table) or is on the declared list of known-unused weights with the reason beside it;
+every destination gets exactly one tensor. Anything else is an error naming the weight.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ExportError
+from .model.layers import RMSNorm
+from .model.text import TextDecoder
+from .variants import Variant
+
+
+class WeightMapError(ExportError):
+    """A checkpoint weight has no destination, or a destination has no weight, or shapes differ."""
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+# Where the text model lives inside each architecture's checkpoint.
+TEXT_PREFIX = {
+    "GemmaForCausalLM": "model.",
+    "Gemma3ForCausalLM": "model.",
+    "Gemma3nForCausalLM": "model.",
+    "Gemma3nForConditionalGeneration": "model.language_model.",
+}
+
+EMBED_TOKENS = "embed_tokens"  # host table names, as in manifest.tables
+PER_LAYER = "per_layer"
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """Checkpoint name -> destination, for one variant."""
+
+    params: dict[str, str]  # checkpoint name -> model parameter name
+    tables: dict[str, str]  # checkpoint name -> host table name
+    lm_head: str  # checkpoint name of the LM head weight ([V, H])
+    ignored: dict[str, str]  # checkpoint name -> why it is not used
+
+
+def _ignored(variant: Variant, names: list[str]) -> dict[str, str]:
+    """The declared known-unused weights of this checkpoint."""
+    reasons: list[tuple[str, str]] = []
+    prefix = TEXT_PREFIX[variant.architecture]
+    if variant.architecture == "Gemma3nForConditionalGeneration":
+        reasons.append((
+            r"model\.(vision_tower|audio_tower|embed_vision|embed_audio)\.",
+            "vision/audio towers and embedders: not part of the text decoder graphs",
+        ))
+    if variant.gemma3n:
+        shared = [i for i in range(variant.num_layers) if variant.kv_source(i) != i]
+        if shared:
+            layers = "|".join(map(str, shared))
+            reasons.append((
+                rf"{re.escape(prefix)}layers\.({layers})\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.",
+                "KV-shared layer: reads its producer's cache; transformers drops these on load "
+                "(_keys_to_ignore_on_load_unexpected)",
+            ))
+    out = {}
+    for name in names:
+        for pattern, why in reasons:
+            if re.match(pattern, name):
+                out[name] = why
+    return out
+
+
+def weight_map(variant: Variant, model: TextDecoder, checkpoint_names: list[str]) -> WeightMap:
+    prefix = TEXT_PREFIX[variant.architecture]
+    params = {prefix + name: name for name, _ in model.named_parameters() if name != "lm_head_t"}
+    tables = {prefix + "embed_tokens.weight": EMBED_TOKENS}
+    if variant.gemma3n:
+        tables[prefix + "embed_tokens_per_layer.weight"] = PER_LAYER
+    lm_head = prefix + "embed_tokens.weight" if variant.tie_word_embeddings else "lm_head.weight"
+    return WeightMap(params=params, tables=tables, lm_head=lm_head, ignored=_ignored(variant, checkpoint_names))
+
+
+def check_names(wmap: WeightMap, checkpoint_names: list[str]) -> None:
+    """Strict both ways, before anything is loaded: fail fast, naming every offender."""
+    have = set(checkpoint_names)
+    wanted = set(wmap.params) | set(wmap.tables) | {wmap.lm_head}
+    unmapped = sorted(have - wanted - set(wmap.ignored))
+    missing = sorted(wanted - have)
+    problems = []
+    if unmapped:
+        problems.append(f"{len(unmapped)} checkpoint weight(s) with no destination: {', '.join(unmapped[:8])}"
+                        + (" ..." if len(unmapped) > 8 else ""))
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the checkpoint: {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    if problems:
+        raise WeightMapError("; ".join(problems))
+
+
+def _norm_params(model: nn.Module) -> set[str]:
+    return {f"{mod_name}.weight" if mod_name else "weight"
+            for mod_name, mod in model.named_modules() if isinstance(mod, RMSNorm) and mod.weight is not None}
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None) -> TextDecoder:
+    """Build the export model on the meta device and fill it one tensor at a time, so peak
+    memory is the float32 model plus one tensor."""
+    with torch.device("meta"):
+        model = TextDecoder(variant, max_context)
+    names = tensors.names()
+    wmap = weight_map(variant, model, names)
+    check_names(wmap, names)
+    norms = _norm_params(model)
+    expected = dict(model.named_parameters())
+    for ckpt_name, param_name in wmap.params.items():
+        value = tensors.get(ckpt_name)
+        if tuple(value.shape) != tuple(expected[param_name].shape):
+            raise WeightMapError(
+                f"{ckpt_name} has shape {tuple(value.shape)}, the model expects {tuple(expected[param_name].shape)}"
+            )
+        if param_name in norms and variant.norm_shift:
+            value = value + variant.norm_shift  # the (1 + w) norm, folded once here
+        _set_param(model, param_name, value)
+        if progress:
+            progress(ckpt_name)
+    head = tensors.get(wmap.lm_head)
+    if tuple(head.shape) != (variant.vocab_size, variant.hidden_size):
+        raise WeightMapError(f"{wmap.lm_head} has shape {tuple(head.shape)}, expected {(variant.vocab_size, variant.hidden_size)}")
+    _set_param(model, "lm_head_t", head.t().contiguous())
+    del head
+    return model.eval()
+
+
+def table_rows(tensors: TensorSource, wmap_table: str, scale: float, rows_per_step: int = 16384) -> Iterator[torch.Tensor]:
+    """A host table's rows, multiplied by its embedding scale, in blocks (bounded memory)."""
+    table = tensors.get(wmap_table)
+    for start in range(0, table.shape[0], rows_per_step):
+        yield table[start:start + rows_per_step] * scale
+
+
+class RandomTensors:
+    """A TensorSource with the full checkpoint layout and random values (`--random-weights`):
+    the names come from the same map, so random exports exercise the real loader."""
+
+    def __init__(self, variant: Variant, seed: int = 0):
+        with torch.device("meta"):
+            model = TextDecoder(variant, 1)
+        prefix = TEXT_PREFIX[variant.architecture]
+        self._shapes = {prefix + n: tuple(p.shape) for n, p in model.named_parameters() if n != "lm_head_t"}
+        self._shapes[prefix + "embed_tokens.weight"] = (variant.vocab_size, variant.hidden_size)
+        if variant.gemma3n:
+            g = variant.gemma3n
+            self._shapes[prefix + "embed_tokens_per_layer.weight"] = (g.per_layer_vocab_size, variant.num_layers * g.per_layer_dim)
+        if not variant.tie_word_embeddings:
+            self._shapes["lm_head.weight"] = (variant.vocab_size, variant.hidden_size)
+        self._seed = seed
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}:{name}".encode()))
+        return torch.randn(self._shapes[name], generator=gen) * 0.02

@@ -1,0 +1,186 @@
+"""The out/ folder's schema: written by gemma-export, read by the runtime.
+
+This module is the single definition of manifest.json. The exporter imports these
+dataclasses to write what the runtime reads, so the two halves cannot drift apart.
+Bump FORMAT_VERSION on any change a previous runtime could misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GemmaRuntimeError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(GemmaRuntimeError, ValueError):
+    """manifest.json is missing, unreadable, or from an incompatible format version."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. Symbolic dimensions are strings (e.g. "T")."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """An ONNX graph in the folder and its I/O contract."""
+
+    file: str
+    data_file: str | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class HostTable:
+    """A row-lookup table kept on the host: token id -> one row.
+
+    Rows are stored row-major at `data_offset` in `file`, `shape = (rows, cols)`.
+    `scale_layout` is None for float tables; "per_row" means an int table whose
+    row r dequantizes as data[r] * scale[r] with `scale_dtype` scales at `scale_offset`.
+    Rows already carry the embedding multiplier (sqrt(H) or sqrt(P)).
+    """
+
+    file: str
+    dtype: str
+    shape: tuple[int, int]
+    data_offset: int = 0
+    scale_layout: str | None = None
+    scale_dtype: str | None = None
+    scale_offset: int | None = None
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One KV buffer pair the runtime owns, for the layer `layer` that produces it.
+
+    kind "global": `length` = max context, slot = absolute position.
+    kind "sliding": `length` = sliding window, a ring, slot = position mod length.
+    The graph takes `past_key`/`past_value` [1, kv_heads, length, head_dim] and returns
+    the chunk's rows as `new_key`/`new_value` [1, kv_heads, T, head_dim].
+    """
+
+    layer: int
+    kind: str
+    length: int
+    kv_heads: int
+    head_dim: int
+    past_key: str
+    past_value: str
+    new_key: str
+    new_value: str
+
+
+@dataclass(frozen=True)
+class PerLayerInputs:
+    """Gemma 3n per-layer embeddings: graph input `per_layer_inputs` [1, T, num_layers, dim]."""
+
+    num_layers: int
+    dim: int
+    vocab_size: int  # ids >= vocab_size read row 0
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    stop: tuple[int, ...]  # generation stops on any of these (generation_config.json's eos list)
+    image: int | None = None
+    audio: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    family: str  # "gemma", "gemma3", "gemma3n"
+    variant: str | None  # named variant (e.g. "gemma3-270m") or None for an unnamed checkpoint
+    architecture: str  # Hugging Face architecture of the source checkpoint
+    quant: str  # quantization recipe name ("fp32")
+    target: str  # build target name ("cpu")
+    hidden_size: int
+    vocab_size: int
+    prefill_chunk: int  # T used for prefill
+    max_context: int
+    sliding_window: int | None
+    # The decoder graph's chunk dimension is symbolic ("T"): the runtime runs it with
+    # T = prefill_chunk for prefill and T = 1 for decode (one session, one copy of the weights).
+    graphs: dict[str, GraphSpec]
+    kv_layout: str  # "past_and_new_blocks": graph returns only new rows, runtime writes them
+    caches: tuple[CacheSpec, ...]
+    tables: dict[str, HostTable]  # "embed_tokens" always, "per_layer" for Gemma 3n
+    per_layer_inputs: PerLayerInputs | None
+    tokens: TokenIds
+    files: dict[str, str]  # file name -> sha256 of every other file in the folder
+    provenance: dict[str, Any] = field(default_factory=dict)
+    tokenizer_files: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format version {version!r} is not supported by this runtime "
+                f"(it reads version {FORMAT_VERSION}); re-export with a matching gemma-export "
+                f"or install the matching gemma-runtime"
+            )
+        try:
+            return cls(
+                **{
+                    **raw,
+                    "graphs": {k: _graph(v) for k, v in raw["graphs"].items()},
+                    "caches": tuple(CacheSpec(**c) for c in raw["caches"]),
+                    "tables": {k: _table(v) for k, v in raw["tables"].items()},
+                    "per_layer_inputs": (
+                        PerLayerInputs(**raw["per_layer_inputs"]) if raw.get("per_layer_inputs") else None
+                    ),
+                    "tokens": TokenIds(**{**raw["tokens"], "stop": tuple(raw["tokens"]["stop"])}),
+                    "tokenizer_files": tuple(raw.get("tokenizer_files", ())),
+                }
+            )
+        except (KeyError, TypeError) as err:
+            raise ManifestError(f"manifest.json is malformed: {err}") from err
+
+
+def _tensor(raw: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(name=raw["name"], dtype=raw["dtype"], shape=tuple(raw["shape"]))
+
+
+def _graph(raw: dict[str, Any]) -> GraphSpec:
+    return GraphSpec(
+        file=raw["file"],
+        data_file=raw.get("data_file"),
+        inputs=tuple(_tensor(t) for t in raw["inputs"]),
+        outputs=tuple(_tensor(t) for t in raw["outputs"]),
+    )
+
+
+def _table(raw: dict[str, Any]) -> HostTable:
+    return HostTable(**{**raw, "shape": tuple(raw["shape"])})
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not Path(folder).is_dir():
+        raise ManifestError(f"{folder} is not a folder; expected an export folder made by gemma-export")
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: {folder} is not an export folder made by gemma-export")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} cannot be read: {err}") from err
+    return Manifest.from_dict(raw)
