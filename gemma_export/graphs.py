@@ -1,0 +1,117 @@
+"""The decoder graph: torch.onnx.export (dynamo) of the export model, cleaned by onnxscript's optimizer.
+
+One graph serves prefill and decode: its chunk length is the symbolic dimension "T", run with
+T = prefill chunk for prefill and T = 1 for decode. One session then holds one copy of the weights
+(DESIGN.md: two sessions over one weights file would each prepack their own copy).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from .model.text import TextDecoder
+from .variants import Variant
+
+OPSET = 18
+CHUNK_DIM = "T"
+
+
+def cache_names(layer: int) -> dict[str, str]:
+    return {
+        "past_key": f"past_key.{layer}",
+        "past_value": f"past_value.{layer}",
+        "new_key": f"new_key.{layer}",
+        "new_value": f"new_value.{layer}",
+    }
+
+
+def input_names(variant: Variant) -> list[str]:
+    names = ["inputs_embeds"] + (["per_layer_inputs"] if variant.gemma3n else []) + ["position", "valid"]
+    for layer in variant.cache_layers:
+        names += [cache_names(layer)["past_key"], cache_names(layer)["past_value"]]
+    return names
+
+
+def output_names(variant: Variant) -> list[str]:
+    names = ["logits"]
+    for layer in variant.cache_layers:
+        names += [cache_names(layer)["new_key"], cache_names(layer)["new_value"]]
+    return names
+
+
+class _DecoderGraph(nn.Module):
+    """Flat positional signature for the exporter: (embeds, [per_layer], position, valid, *past)."""
+
+    def __init__(self, decoder: TextDecoder):
+        super().__init__()
+        self.decoder = decoder
+        self.has_per_layer = decoder.variant.gemma3n is not None
+
+    def forward(self, *args):
+        if self.has_per_layer:
+            embeds, per_layer, position, valid, *past = args
+        else:
+            (embeds, position, valid, *past), per_layer = args, None
+        logits, new_rows = self.decoder(embeds, per_layer, position, valid, list(past))
+        return (logits, *new_rows)
+
+
+def example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of the graph's shapes (zeros); `chunk` is the example value of T."""
+    args = [torch.zeros(1, chunk, variant.hidden_size)]
+    if variant.gemma3n:
+        args.append(torch.zeros(1, chunk, variant.num_layers, variant.gemma3n.per_layer_dim))
+    args += [torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)]
+    for layer in variant.cache_layers:
+        shape = (1, variant.num_kv_heads, variant.cache_length(layer, max_context), variant.head_dim)
+        args += [torch.zeros(shape), torch.zeros(shape)]
+    return tuple(args)
+
+
+def export_decoder(decoder: TextDecoder, max_context: int, prefill_chunk: int) -> onnx.ModelProto:
+    """The decoder as an optimized ONNX model (weights inside the proto; package.py writes them
+    out as external data)."""
+    variant = decoder.variant
+    args = example_inputs(variant, max_context, chunk=min(prefill_chunk, 4) if prefill_chunk > 1 else 2)
+    chunk = torch.export.Dim(CHUNK_DIM, min=1, max=max(prefill_chunk, 2))
+    dynamic = [{1: chunk}] + ([{1: chunk}] if variant.gemma3n else []) + [None] * (len(args) - 1 - bool(variant.gemma3n))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _DecoderGraph(decoder),
+            args,
+            input_names=input_names(variant),
+            output_names=output_names(variant),
+            dynamic_shapes=(tuple(dynamic),),  # one entry: forward takes *args
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    _name_chunk_dim(model)
+    return model
+
+
+def _name_chunk_dim(model: onnx.ModelProto) -> None:
+    """The exporter names the symbolic dimension after its own symbol (s0, ...): call it T."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = CHUNK_DIM
+
+
+def save_with_external_data(model: onnx.ModelProto, folder: Path, graph_file: str, data_file: str) -> None:
+    onnx.save_model(
+        model,
+        str(folder / graph_file),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_file,
+        size_threshold=1024,
+    )
