@@ -1,1 +1,3 @@
 """gemma-export: Gemma checkpoints to ONNX graphs for edge devices."""
+
+__version__ = "0.1.0"

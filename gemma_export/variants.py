@@ -85,6 +85,7 @@ class Variant:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    max_position_embeddings: int | None = None
     gemma3n: Gemma3nSpec | None = None
     name: str | None = None  # the named variant this matches, if any
 
@@ -342,6 +343,7 @@ def variant_from_config(config: dict[str, Any], expected: str | None = None) -> 
         bos_token_id=cfg.bos_token_id,
         eos_token_ids=eos_ids,
         pad_token_id=cfg.pad_token_id,
+        max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
         gemma3n=gemma3n,
         name=expected,
     )

@@ -1,0 +1,72 @@
+"""gemma-export: the command line. Export is the default action; eval, bench, check and slice are
+reserved subcommands (later issues)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import ExportError
+
+SUBCOMMANDS = ("eval", "bench", "check", "slice")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    from .plan import DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK
+    from .variants import NAMED_VARIANTS
+
+    p = argparse.ArgumentParser(
+        prog="gemma-export",
+        description="Export a Gemma checkpoint to a folder of ONNX graphs for gemma-run. "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (write ./eval for a folder so named).",
+    )
+    p.add_argument("out", metavar="OUT", type=Path, help="output folder (written atomically)")
+    p.add_argument("--variant", choices=list(NAMED_VARIANTS), help="expected model; its default checkpoint if --checkpoint is not given")
+    p.add_argument("--checkpoint", help="Hugging Face folder, .gguf file, or hub id")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
+    p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    p.add_argument("--target", default="cpu")
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--random-weights", action="store_true", help="full-size variant with random weights (benchmarks)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    from .package import write_export
+    from .plan import ExportRequest, make_plan
+    from .progress import Progress
+
+    start = time.perf_counter()
+    plan = make_plan(ExportRequest(
+        variant=args.variant, checkpoint=args.checkpoint, revision=args.revision, quant=args.quant,
+        target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+        random_weights=args.random_weights,
+    ))
+    manifest = write_export(plan, args.out, Progress(enabled=not args.quiet))
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    print(f"gemma-export: wrote {args.out} ({manifest.family}, {manifest.quant}, {size / 2**20:.0f} MiB) "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            raise ExportError(f"'gemma-export {argv[0]}' is not available in this version yet")
+        return _export(argv)
+    except ExportError as err:
+        print(f"gemma-export: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gemma-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The out/ folder: graphs, host tables, tokenizer files and manifest.json, written atomically.
+
+Everything is written into a temporary folder beside out/ and renamed at the end, so a failed or
+interrupted export never leaves a half-written out/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from gemma_runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheSpec,
+    GraphSpec,
+    Manifest,
+    PerLayerInputs,
+    TensorSpec,
+    TokenIds,
+)
+
+from . import __version__
+from .errors import ExportError
+from .graphs import OPSET, cache_names, export_decoder, input_names, output_names, save_with_external_data
+from .host_tables import write_host_tables
+from .progress import Progress
+from .resources import check_resources
+from .variants import SLIDING, Variant
+from .weights import TensorSource, load_decoder
+
+DECODER_GRAPH = "decoder.onnx"
+DECODER_DATA = "decoder.data"
+# onnxruntime release that first ran our opset-18 graphs with the contrib ops we use (none yet)
+MIN_ONNXRUNTIME = "1.17"
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything decided before the first byte is written."""
+
+    variant: Variant
+    tensors: TensorSource
+    aux_files: dict[str, Path]
+    source: str
+    source_hashes: dict[str, str]
+    quant: str
+    target: str
+    max_context: int
+    prefill_chunk: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _graph_spec(variant: Variant, plan: ExportPlan) -> GraphSpec:
+    h, T = variant.hidden_size, "T"
+    inputs = [TensorSpec("inputs_embeds", "float32", (1, T, h))]
+    if variant.gemma3n:
+        inputs.append(TensorSpec("per_layer_inputs", "float32", (1, T, variant.num_layers, variant.gemma3n.per_layer_dim)))
+    inputs += [TensorSpec("position", "int64", (1,)), TensorSpec("valid", "int64", (1,))]
+    outputs = [TensorSpec("logits", "float32", (1, variant.vocab_size))]
+    for layer in variant.cache_layers:
+        names = cache_names(layer)
+        past = (1, variant.num_kv_heads, variant.cache_length(layer, plan.max_context), variant.head_dim)
+        new = (1, variant.num_kv_heads, T, variant.head_dim)
+        inputs += [TensorSpec(names["past_key"], "float32", past), TensorSpec(names["past_value"], "float32", past)]
+        outputs += [TensorSpec(names["new_key"], "float32", new), TensorSpec(names["new_value"], "float32", new)]
+    assert [t.name for t in inputs] == input_names(variant) and [t.name for t in outputs] == output_names(variant)
+    return GraphSpec(file=DECODER_GRAPH, data_file=DECODER_DATA, inputs=tuple(inputs), outputs=tuple(outputs))
+
+
+def _caches(variant: Variant, max_context: int) -> tuple[CacheSpec, ...]:
+    specs = []
+    for layer in variant.cache_layers:
+        kind = "sliding" if variant.layer_types[layer] == SLIDING and variant.sliding_window else "global"
+        specs.append(CacheSpec(layer=layer, kind=kind, length=variant.cache_length(layer, max_context),
+                               kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, **cache_names(layer)))
+    return tuple(specs)
+
+
+def _token_ids(variant: Variant, aux_files: dict[str, Path]) -> TokenIds:
+    """Stop ids come from generation_config.json when the checkpoint has one (Gemma's instruction
+    checkpoints stop on <end_of_turn> too), else from config.json's eos."""
+    stop = list(variant.eos_token_ids)
+    gen_path = aux_files.get("generation_config.json")
+    if gen_path is not None:
+        eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id")
+        if eos is not None:
+            stop = list(eos) if isinstance(eos, list) else [eos]
+    eos_id = variant.eos_token_ids[0] if variant.eos_token_ids else (stop[0] if stop else None)
+    return TokenIds(bos=variant.bos_token_id, eos=eos_id, pad=variant.pad_token_id, stop=tuple(dict.fromkeys(stop)))
+
+
+def _provenance(plan: ExportPlan) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "tool": "gemma-export",
+        "tool_version": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "opset": OPSET,
+        "min_onnxruntime": MIN_ONNXRUNTIME,
+        "source": plan.source,
+        "source_files_sha256": plan.source_hashes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+@contextlib.contextmanager
+def _staging_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside out/ (same filesystem, so the final rename is atomic); removed
+    whatever happens unless it was moved into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_out_folder(out: Path) -> None:
+    """out/ may be new, empty, or a previous export (replaced); never someone's other data."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise ExportError(f"{out} exists and is not an export folder made by gemma-export: choose another OUT")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    # mkdtemp makes a private folder; an export is meant to be copied and shared
+    staging.chmod(0o755)
+    for f in staging.iterdir():
+        f.chmod(0o644)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
+    out = Path(out)
+    check_out_folder(out)
+    variant = plan.variant
+    check_resources(variant, out.parent)
+    with _staging_folder(out) as staging:
+        with progress.step("loading weights"):
+            decoder = load_decoder(variant, plan.max_context, plan.tensors, progress=progress.tick_weight)
+        with progress.step("exporting the decoder graph (torch.onnx, dynamo)"):
+            model = export_decoder(decoder, plan.max_context, plan.prefill_chunk)
+            del decoder
+        with progress.step(f"writing {DECODER_GRAPH} + {DECODER_DATA}"):
+            save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
+            del model
+        with progress.step("writing host tables"):
+            tables = write_host_tables(variant, plan.tensors, staging)
+        tokenizer_files = []
+        for name, path in sorted(plan.aux_files.items()):
+            shutil.copyfile(path, staging / name)
+            tokenizer_files.append(name)
+        with progress.step("hashing files"):
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        g = variant.gemma3n
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            family=variant.family,
+            variant=variant.name,
+            architecture=variant.architecture,
+            quant=plan.quant,
+            target=plan.target,
+            hidden_size=variant.hidden_size,
+            vocab_size=variant.vocab_size,
+            prefill_chunk=plan.prefill_chunk,
+            max_context=plan.max_context,
+            sliding_window=variant.sliding_window,
+            graphs={"decoder": _graph_spec(variant, plan)},
+            kv_layout="past_and_new_blocks",
+            caches=_caches(variant, plan.max_context),
+            tables=tables,
+            per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
+            tokens=_token_ids(variant, plan.aux_files),
+            files=files,
+            provenance=_provenance(plan),
+            tokenizer_files=tuple(tokenizer_files),
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _move_into_place(staging, out)
+    return manifest
