@@ -72,6 +72,9 @@ def main() -> None:
     report["runtime_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(report), flush=True)
     del model
+    import gc
+
+    gc.collect()
 
     import torch
     import transformers
@@ -84,11 +87,11 @@ def main() -> None:
     cls = getattr(transformers, config["architectures"][0])
     hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "architectures"})
     hf_config._attn_implementation = "eager"
-    with torch.device("meta"):
-        ref = cls(hf_config)
+    ref = cls(hf_config)  # random init, overwritten below (meta would leave rope buffers empty)
     tensors = RandomTensors(variant)
     state = {n: tensors.get(n) for n in tensors.names()}
-    missing, unexpected = ref.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    del state
     ref.tie_weights()
     report["ref_missing"], report["ref_unexpected"] = missing, unexpected
     ref.eval()
