@@ -164,6 +164,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
     variant = plan.variant
     check_resources(variant, out.parent)
     with _staging_folder(out) as staging:
+        progress.expect_weights(len(plan.tensors.names()))
         with progress.step("loading weights"):
             decoder = load_decoder(variant, plan.max_context, plan.tensors, progress=progress.tick_weight)
         with progress.step("exporting the decoder graph (torch.onnx, dynamo)"):

@@ -30,6 +30,9 @@ class Progress:
         if self.enabled:
             print(f"gemma-export: {what}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
+    def expect_weights(self, count: int) -> None:
+        self._total_weights = count
+
     def tick_weight(self, name: str) -> None:
         if not self.enabled:
             return

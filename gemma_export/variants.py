@@ -336,7 +336,9 @@ def variant_from_config(config: dict[str, Any], expected: str | None = None) -> 
         attn_scale=float(attn_scale),
         qk_norm=family in ("gemma3", "gemma3n"),
         sandwich_norms=family in ("gemma3", "gemma3n"),
-        attn_logit_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        # Gemma3TextConfig has attn_logit_softcapping, but transformers' Gemma 3 attention never
+        # applies it (q/k norms replaced Gemma 2's soft-cap); follow the eager reference's math.
+        attn_logit_softcap=None,
         final_logit_softcap=getattr(cfg, "final_logit_softcapping", None),
         activation=cfg.hidden_activation if family != "gemma" else cfg.hidden_act,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny checkpoints and their exports, built once per session.
+
+`tiny` builds a checkpoint (tests/checkpoints.py) or an export of one on first use and hands the
+same folder to every later test, so each family is exported once per run. Tests that change a
+folder copy it first (shutil.copytree).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/checkpoints.py, importable as `checkpoints`
+
+import checkpoints  # noqa: E402
+
+MAX_CONTEXT = 64
+PREFILL_CHUNK = 8
+
+
+class Tiny:
+    def __init__(self, root: Path):
+        self.root = root
+        self._checkpoints: dict[str, Path] = {}
+        self._exports: dict[str, Path] = {}
+
+    def checkpoint(self, family: str) -> Path:
+        if family not in self._checkpoints:
+            self._checkpoints[family] = checkpoints.build(family, self.root / "checkpoints" / family)
+        return self._checkpoints[family]
+
+    def export(self, family: str) -> Path:
+        if family not in self._exports:
+            from gemma_export.cli import main
+
+            out = self.root / "exports" / family
+            rc = main(["--checkpoint", str(self.checkpoint(family)), "--max-context", str(MAX_CONTEXT),
+                       "--prefill-chunk", str(PREFILL_CHUNK), "--quiet", str(out)])
+            assert rc == 0, f"export of the tiny {family} checkpoint failed (exit {rc})"
+            self._exports[family] = out
+        return self._exports[family]
+
+    def reference(self, family: str):
+        return checkpoints.reference(family, self.checkpoint(family))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runtime_verify_cache(tmp_path_factory):
+    """Model.load remembers verified checksums; keep that cache out of the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEMMA_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("verify-cache")))
+        yield
