@@ -28,8 +28,8 @@ model.generate_ids(prompt[:16], max_new_tokens=4)  # warm-up
 stop = model.manifest.tokens.stop
 ids = model.generate_ids(prompt, max_new_tokens=n_new)
 s = model.last_stats
-print(json.dumps({"load_s": load_s, "ttft_s": s.time_to_first_token, "prefill_tps": s.prefill_tokens / s.prefill_seconds,
-                  "decode_tps": s.decode_tokens / s.decode_seconds, "new_tokens": len(ids),
+print(json.dumps({"load_s": load_s, "ttft_s": s.time_to_first_token, "prefill_tps": s.prefill_tokens_per_second,
+                  "decode_tps": s.decode_tokens_per_second, "new_tokens": len(ids),
                   "rss_after_load": rss_load, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
