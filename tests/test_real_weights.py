@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gemma_export.checkpoint import default_gguf_path
-from gemma_export.cli import main as export_main
 
 PROMPTS = [
     "The capital of France is",
@@ -24,10 +23,8 @@ def gguf_path():
 
 
 @pytest.fixture(scope="module")
-def export_270m(tmp_path_factory, gguf_path):
-    out = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    assert export_main(["--variant", "gemma3-270m", "--quiet", str(out)]) == 0
-    return out
+def export_270m(real_270m_export):
+    return real_270m_export  # one export per session, shared with tests/test_runtime_real.py
 
 
 @pytest.fixture(scope="module")

@@ -344,7 +344,7 @@ def test_integrity_is_checked_before_any_session(tmp_path, monkeypatch):
         Model.load(out)
 
 
-def test_unknown_provider_lists_available_ones(tmp_path):
+def test_unknown_provider_lists_available_ones(tmp_path):  # more in test_runtime_providers.py
     out = Fake().write(tmp_path / "out")
     with pytest.raises(ProviderError, match="'NoSuchExecutionProvider'.*available: .*CPUExecutionProvider"):
         Model.load(out, provider="NoSuchExecutionProvider")
@@ -413,7 +413,8 @@ def text_model(tmp_path):
     tok = tokenizer()
     chain = tok.encode(TEXT).ids
     assert len(set(chain)) == len(chain) and len(chain) > len(TEXT)  # distinct, and characters split
-    succ = dict(zip([BOS, *chain], [*chain, EOS]))
+    z = tok.token_to_id("z")  # prompt "z" (not in TEXT) also leads into the chain
+    succ = {BOS: chain[0], z: chain[0], **dict(zip(chain, [*chain[1:], EOS]))}
     size = tok.get_vocab_size()
     fake = Fake(hidden=size, vocab=size, stop=(EOS,), scripted=succ)
     return fake.write(tmp_path / "out", tokenizer=tok), chain
@@ -424,8 +425,8 @@ def test_generate_text_and_stream(text_model):
     model = Model.load(out)
     assert model.encode("hi") == [BOS, *tokenizer().encode("hi").ids]  # BOS added once
     assert model.generate_ids(model.encode(""), max_new_tokens=50) == [*chain, EOS]
-    assert model.generate("", max_new_tokens=50) == TEXT  # stop token's text left out
-    pieces = list(model.generate("", max_new_tokens=50, stream=True))
+    assert model.generate("z", max_new_tokens=50) == TEXT  # stop token's text left out
+    pieces = list(model.generate("z", max_new_tokens=50, stream=True))
     assert "".join(pieces) == TEXT
     assert not any("\ufffd" in p for p in pieces) and len(pieces) == len(TEXT)
     assert model.last_stats.decode_tokens == len(chain)  # stats recorded for the stream too
@@ -435,9 +436,9 @@ def test_stream_cut_mid_character_matches_the_plain_result(text_model):
     out, chain = text_model
     model = Model.load(out)
     n = 4  # h, i and the first byte of é
-    plain = model.generate("", max_new_tokens=n)
+    plain = model.generate("z", max_new_tokens=n)
     assert plain == tokenizer().decode(chain[:n])
-    assert "".join(model.generate("", max_new_tokens=n, stream=True)) == plain
+    assert "".join(model.generate("z", max_new_tokens=n, stream=True)) == plain
 
 
 def test_bos_not_doubled_when_the_tokenizer_adds_it(text_model, tmp_path):
@@ -464,10 +465,10 @@ def test_missing_tokenizer(tmp_path, capsys):
 
 def test_cli_streams_the_completion_and_stats(text_model, capsys):
     out, chain = text_model
-    assert main([str(out), "", "--max-new-tokens", "50", "--threads", "1", "--stats"]) == 0
+    assert main([str(out), "z", "--max-new-tokens", "50", "--threads", "1", "--stats"]) == 0
     captured = capsys.readouterr()
     assert captured.out == TEXT + "\n"
-    assert "prompt tokens: 1" in captured.err and "tok/s" in captured.err
+    assert "prompt: 2 tokens" in captured.err and "tok/s" in captured.err
 
 
 def test_cli_usage_errors(text_model, capsys):
@@ -476,7 +477,7 @@ def test_cli_usage_errors(text_model, capsys):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert "PROMPT is required" in capsys.readouterr().err
+    assert "PROMPT is required (or --chat)" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):

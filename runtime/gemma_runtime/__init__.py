@@ -1,25 +1,37 @@
-"""gemma_runtime: run a gemma-export folder with onnxruntime, numpy and tokenizers (no torch)."""
+"""gemma_runtime: run a gemma-export folder with onnxruntime, numpy, tokenizers and jinja2 (no torch)."""
 
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    ChatTemplateError,
     ContextLengthError,
     GemmaRuntimeError,
     IntegrityError,
+    InvalidArgumentError,
     ProviderError,
+    SamplingError,
     TokenizerMissingError,
+    UnsupportedContentError,
 )
 from .manifest import ManifestError  # noqa: E402
 from .model import GenerationStats, Model  # noqa: E402
+from .providers import PROVIDERS  # noqa: E402
+from .sampling import SamplingConfig  # noqa: E402
 
 __all__ = [
+    "ChatTemplateError",
     "ContextLengthError",
     "GemmaRuntimeError",
     "GenerationStats",
     "IntegrityError",
+    "InvalidArgumentError",
     "ManifestError",
     "Model",
+    "PROVIDERS",
     "ProviderError",
+    "SamplingConfig",
+    "SamplingError",
     "TokenizerMissingError",
+    "UnsupportedContentError",
     "__version__",
 ]

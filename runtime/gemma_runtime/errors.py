@@ -23,3 +23,19 @@ class TokenizerMissingError(GemmaRuntimeError):
 
 class ProviderError(GemmaRuntimeError):
     """The requested onnxruntime execution provider is not available on this machine."""
+
+
+class InvalidArgumentError(GemmaRuntimeError, ValueError):
+    """An argument of a runtime call is out of range or of the wrong kind."""
+
+
+class SamplingError(InvalidArgumentError):
+    """A sampling setting is outside its range (e.g. a negative temperature)."""
+
+
+class UnsupportedContentError(InvalidArgumentError):
+    """A message part (image, audio) or an input this runtime cannot handle yet."""
+
+
+class ChatTemplateError(GemmaRuntimeError):
+    """The chat template cannot be read or rendered for these messages."""

@@ -1,50 +1,74 @@
 """Load an export folder and generate text with one onnxruntime session over the decoder.
 
-The decoder graph's chunk dimension T is symbolic: prefill runs it with T = prefill_chunk
-(the last chunk padded, `valid` = real count) and decode with T = 1, so prefill and decode
-share one session and one in-memory copy of the weights.
+The decoder graph's chunk dimension T is symbolic: prefill runs it with T = prefill_chunk (the
+last, shorter chunk unpadded; padded to T with `valid` = real count where T is static) and decode
+with T = 1, so prefill and decode share one session and one in-memory copy of the weights.
+Sampling: sampling.py; chat template: chat_template.py; KV reuse across calls: prompt_cache.py;
+providers: providers.py; sessions and the optimized-graph cache: session_cache.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from .chat_template import ChatTemplate, read_template
 from .detokenize import StreamDecoder
-from .errors import ContextLengthError, GemmaRuntimeError, IntegrityError, ProviderError, TokenizerMissingError
+from .errors import (
+    ContextLengthError,
+    GemmaRuntimeError,
+    IntegrityError,
+    InvalidArgumentError,
+    TokenizerMissingError,
+    UnsupportedContentError,
+)
+from .generation_config import GenerationDefaults, read_generation_defaults
 from .integrity import verify_files
 from .kv_cache import KVCache
 from .manifest import Manifest, ManifestError, read_manifest
-from .sampling import greedy
+from .prompt_cache import PromptCache
+from .providers import resolve_provider
+from .sampling import Sampler, SamplingConfig, greedy
+from .session_cache import graph_cache_key, open_session
+from .stop_strings import StopStrings, check_stop_strings
 from .tables import HostTableReader
 
 KV_LAYOUT = "past_and_new_blocks"
-DEFAULT_PROVIDER = "CPUExecutionProvider"
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.
 _ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+# Why a generation ended (GenerationStats.stop_reason).
+STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_FULL, ABANDONED = (
+    "stop_token", "stop_string", "max_new_tokens", "context_full", "abandoned")
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Timings of the last generate/generate_ids call (model time only, not the caller's)."""
+    """Timings of the last generate/generate_ids/chat call (model time only, not the caller's)."""
 
     prompt_tokens: int
     prefill_seconds: float
     decode_tokens: int  # tokens produced by decode steps (the first new token comes from prefill)
     decode_seconds: float
     time_to_first_token: float | None  # from the call to the first new token; None if none
+    reused_tokens: int = 0  # prompt tokens whose KV rows were kept from the previous call (not prefilled)
+    stop_reason: str | None = None  # stop_token | stop_string | max_new_tokens | context_full | abandoned
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -52,78 +76,158 @@ class GenerationStats:
 
 
 class Model:
-    """A loaded export folder. Not thread-safe: one generation at a time per Model."""
+    """A loaded export folder. Not thread-safe: one generation at a time per Model.
+
+    KV reuse: the model remembers which ids its cache holds. A call with reuse_cache=True
+    (the default of `chat`) keeps the rows of the longest prefix it can keep exactly (see
+    prompt_cache.py) and prefills only the rest; `last_stats.reused_tokens` says how many.
+    `generate` and `generate_ids` prefill from scratch unless reuse_cache=True.
+    """
 
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
-                 embed: HostTableReader, per_layer: HostTableReader | None, provider: str):
+                 embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
+                 defaults: GenerationDefaults | None = None, session_source: str = "graph"):
         # Use Model.load: it checks the folder before anything is built.
         self.folder = folder
         self.manifest = manifest
         self.provider = provider
+        self.session_source = session_source  # "graph" | "cached optimized graph" | ...
+        self.defaults = defaults or GenerationDefaults(SamplingConfig(), None)
         self.last_stats: GenerationStats | None = None
         self._session = session
         self._embed = embed
         self._per_layer = per_layer
         self._cache = KVCache(manifest.caches)
+        self._prompt_cache = PromptCache(self._cache, manifest.sliding_window)
         self._outputs = ["logits", *self._cache.output_names()]
         self._stop = frozenset(manifest.tokens.stop)
         self._tokenizer = None
+        self._template: ChatTemplate | None = None
         self._generation = 0  # bumped per call, so a stale stream cannot use a reset cache
+        embeds = next((t for t in manifest.graphs["decoder"].inputs if t.name == "inputs_embeds"), None)
+        self._symbolic_chunk = embeds is not None and len(embeds.shape) == 3 and isinstance(embeds.shape[1], str)
 
     # ---- loading -------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None) -> "Model":
+    def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
+             graph_cache: bool = False) -> "Model":
+        """provider: cpu | cuda | openvino | qnn | dml | coreml (or onnxruntime's own name);
+        default: the export's target. graph_cache: keep onnxruntime's optimized graph in the
+        runtime's cache folder (~/.cache/gemma_runtime or $GEMMA_RUNTIME_CACHE_DIR)."""
         folder = Path(path)
         manifest = read_manifest(folder)
         _check_manifest(manifest)
         _check_onnxruntime_version(manifest)
-        provider = _pick_provider(provider)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        provider = resolve_provider(provider, manifest.target)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
         # Checksums before any session or memory map: a broken file must not be half-loaded.
         verify_files(folder, manifest.files)
+        defaults = read_generation_defaults(folder)
         embed = HostTableReader.open(folder, "embed_tokens", manifest.tables["embed_tokens"])
         per_layer = None
         if manifest.per_layer_inputs is not None:
             per_layer = HostTableReader.open(
                 folder, "per_layer", manifest.tables["per_layer"], row0_from=manifest.per_layer_inputs.vocab_size
             )
-        session = _open_session(folder, manifest, provider, threads)
+        graph = manifest.graphs["decoder"]
+        key = None
+        if graph_cache:
+            key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
+        session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
-        return cls(folder, manifest, session, embed, per_layer, provider)
+        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source)
+
+    def reset(self) -> None:
+        """Forget the cached conversation: the next call prefills from scratch."""
+        self._generation += 1
+        self._prompt_cache.invalidate()
+        self._cache.reset()
 
     # ---- text in / text out --------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Prompt ids: the tokenizer's encoding with BOS in front (no chat template)."""
         ids = list(self._get_tokenizer().encode(text).ids)
         bos = self.manifest.tokens.bos
-        if bos is not None and (not ids or ids[0] != bos):
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._get_tokenizer().decode(list(ids), skip_special_tokens=False)
 
-    def generate(self, prompt: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, stream: bool = False):
-        """The raw completion of `prompt` (without the stop token's text), or with
-        stream=True an iterator of text pieces that never split a character."""
-        ids = self.encode(prompt)
-        tokens = self._generate(ids, max_new_tokens)  # checks the prompt now, not on first next()
-        if stream:
-            return self._stream(tokens)
-        return self.decode([t for t in tokens if t not in self._stop])
+    def generate(self, prompt: str, max_new_tokens: int | None = None, stream: bool = False,
+                 images=None, audio=None, *, stop: str | Sequence[str] | None = None,
+                 reuse_cache: bool = False, **sampling):
+        """The raw completion of `prompt` (BOS added, no chat template; without the stop
+        token's text, cut before the first stop string), or with stream=True an iterator of
+        text pieces that never split a character. Sampling defaults: generation_config.json."""
+        _no_media(images, audio)
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise InvalidArgumentError(
+                "the prompt is empty; give some text (for unconditional generation use "
+                "generate_ids([bos]))"
+            )
+        config = self.defaults.sampling.override(**sampling)
+        return self._text(self.encode(prompt), max_new_tokens, stream, stop, config, reuse_cache)
 
-    def _stream(self, tokens: Iterator[int]) -> Iterator[str]:
+    def chat(self, messages: Sequence[Mapping], max_new_tokens: int | None = None, stream: bool = False,
+             *, stop: str | Sequence[str] | None = None, reuse_cache: bool = True, **sampling):
+        """The model's answer to a conversation ([{"role": "system"|"user"|"assistant",
+        "content": str | [{"type": "text", "text": ...}]}], rendered with the checkpoint's
+        chat template): a str, or with stream=True an iterator of text pieces.
+
+        The cache of the previous call is reused where the new prompt extends it exactly
+        (last_stats.reused_tokens). A conversation longer than the context (max_context) is a
+        ContextLengthError naming the limit: nothing is dropped silently; the caller decides
+        which turns to drop (the CLI asks the user to /reset)."""
+        ids = self.chat_ids(messages)
+        config = self.defaults.sampling.override(**sampling)
+        return self._text(ids, max_new_tokens, stream, stop, config, reuse_cache)
+
+    def render_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation (the chat template's output)."""
+        if self._template is None:
+            tok = self._get_tokenizer()
+            t = self.manifest.tokens
+            name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
+            source, origin = read_template(self.folder)
+            self._template = ChatTemplate(source, origin, {
+                "bos_token": name(t.bos) or "", "eos_token": name(t.eos) or "", "pad_token": name(t.pad),
+            })
+        return self._template.render(messages, add_generation_prompt)
+
+    def chat_ids(self, messages: Sequence[Mapping]) -> list[int]:
+        """Prompt ids of a conversation: the rendered template, tokenized without adding
+        special tokens (the template writes BOS itself)."""
+        text = self.render_chat(messages)
+        return list(self._get_tokenizer().encode(text, add_special_tokens=False).ids)
+
+    def _text(self, ids, max_new_tokens, stream, stop, config, reuse_cache):
+        stops = check_stop_strings(stop)
+        tokens = self._generate(ids, max_new_tokens, config, reuse_cache)  # checks the prompt now
+        pieces = self._stream(tokens, stops)
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, tokens: Iterator[int], stops: tuple[str, ...]) -> Iterator[str]:
         decoder = StreamDecoder(self.decode)
+        cut = StopStrings(stops)
         for token in tokens:
             if token in self._stop:
                 continue  # always the last one; keep iterating so the stats are recorded
-            piece = decoder.push(token)
+            piece = cut.push(decoder.push(token))
             if piece:
                 yield piece
-        rest = decoder.finish()
+            if cut.stopped:
+                tokens.close()  # ends the generation now; its stats are recorded on close
+                self.last_stats = dataclasses.replace(self.last_stats, stop_reason=STOP_STRING)
+                return
+        rest = cut.push(decoder.finish())
+        rest += cut.finish()
         if rest:
             yield rest
 
@@ -145,11 +249,16 @@ class Model:
 
     # ---- ids in / ids out ----------------------------------------------------------------
 
-    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
-        """Greedy new ids for `prompt_ids`, ending with the stop token when one was generated."""
-        return list(self._generate(prompt_ids, max_new_tokens))
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None, images=None,
+                     audio=None, *, reuse_cache: bool = False, **sampling) -> list[int]:
+        """New ids for `prompt_ids`, ending with the stop token when one was generated.
+        Greedy unless sampling arguments (temperature, top_k, ...) are given."""
+        _no_media(images, audio)
+        config = SamplingConfig().override(**sampling)
+        return list(self._generate(prompt_ids, max_new_tokens, config, reuse_cache))
 
-    def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+    def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int | None,
+                  config: SamplingConfig = SamplingConfig(), reuse_cache: bool = False) -> Iterator[int]:
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
         limit = self.manifest.max_context
         if ids.ndim != 1 or ids.size == 0 or ids.size >= limit:
@@ -157,47 +266,88 @@ class Model:
                 f"the prompt has {ids.size} tokens; it must have at least 1 and fewer than the "
                 f"context limit of {limit} tokens (max_context of this export)"
             )
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens is None:
+            max_new_tokens = self.defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         vocab_rows = self.manifest.tables["embed_tokens"].shape[0]
         if ids.min() < 0 or ids.max() >= vocab_rows:
-            raise ValueError(f"prompt ids must lie in [0, {vocab_rows}), got {int(ids.min())}..{int(ids.max())}")
+            raise InvalidArgumentError(
+                f"prompt ids must lie in [0, {vocab_rows}), got {int(ids.min())}..{int(ids.max())}")
         self._generation += 1
-        return self._run_generation(ids, max_new_tokens, self._generation)
+        return self._run_generation(ids, int(max_new_tokens), self._generation, config, reuse_cache)
 
-    def _run_generation(self, ids: np.ndarray, max_new_tokens: int, generation: int) -> Iterator[int]:
+    def _run_generation(self, ids: np.ndarray, max_new_tokens: int, generation: int,
+                        config: SamplingConfig, reuse_cache: bool) -> Iterator[int]:
         start = time.perf_counter()
         n = int(ids.size)
         prefill_s = decode_s = 0.0
         ttft = None
-        produced = 0
+        produced = reused = 0
+        reason = ABANDONED
+        sampler = None if config.plain_greedy else Sampler(config, self.manifest.vocab_size, ids.tolist())
+        choose = (lambda logits: greedy(logits)) if sampler is None else sampler.choose
+        cache = self._prompt_cache
         try:
             if max_new_tokens == 0:
+                reason = MAX_NEW_TOKENS
                 return
-            self._cache.reset()
-            chunk = self.manifest.prefill_chunk
-            for first in range(0, n, chunk):
-                logits = self._step(ids[first : first + chunk], first, chunk)
+            try:
+                reused = cache.plan(ids.tolist()) if reuse_cache else 0
+                cache.prepare(ids.tolist(), reused)
+                chunk = self.manifest.prefill_chunk
+                for first in range(reused, n, chunk):
+                    # A symbolic chunk dimension runs the last, short chunk unpadded (a small
+                    # new turn after a reused cache costs its own length, not a whole chunk).
+                    size = min(chunk, n - first) if self._symbolic_chunk else chunk
+                    logits = self._forward(ids[first : first + chunk], first, size)
+                    cache.fed(ids[first : first + chunk])
+                cache.mark()
+            except BaseException:
+                cache.invalidate()
+                raise
             prefill_s = time.perf_counter() - start
-            token = greedy(logits)
+            token = choose(logits)
             ttft = time.perf_counter() - start
             produced = 1
             yield token
             # The sequence (prompt + new) may fill the context; the last new token is never fed.
-            while token not in self._stop and produced < max_new_tokens and n + produced < self.manifest.max_context:
+            while True:
+                if token in self._stop:
+                    reason = STOP_TOKEN
+                    break
+                if produced >= max_new_tokens:
+                    reason = MAX_NEW_TOKENS
+                    break
+                if n + produced >= self.manifest.max_context:
+                    reason = CONTEXT_FULL
+                    break
                 if generation != self._generation:
                     raise GemmaRuntimeError("another generation started on this Model while this one was streaming")
                 t = time.perf_counter()
-                logits = self._step(np.array([token], dtype=np.int64), n + produced - 1, 1)
-                token = greedy(logits)
+                try:
+                    logits = self._forward(np.array([token], dtype=np.int64), n + produced - 1, 1)
+                    cache.fed([token])
+                except BaseException:
+                    cache.invalidate()
+                    raise
+                if sampler is not None:
+                    sampler.observe(token)
+                token = choose(logits)
                 decode_s += time.perf_counter() - t
                 produced += 1
                 yield token
         finally:
-            self.last_stats = GenerationStats(n, prefill_s, max(produced - 1, 0), decode_s, ttft)
+            self.last_stats = GenerationStats(n, prefill_s, max(produced - 1, 0), decode_s, ttft, reused, reason)
 
     def _step(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
-        """Run the decoder on up to `chunk` ids starting at `position`; store their KV rows."""
+        """Run the decoder on up to `chunk` ids starting at `position`; store their KV rows.
+        For callers that drive the cache themselves (parity tests): the remembered cached ids
+        are forgotten, so a later reuse_cache call prefills from scratch."""
+        self._prompt_cache.invalidate()
+        return self._forward(ids, position, chunk)
+
+    def _forward(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
         valid = int(ids.size)
         hidden = self.manifest.hidden_size
         # Padding rows are zeros: finite, and the graph masks them by `valid`.
@@ -218,6 +368,11 @@ class Model:
         for index in range(len(self._cache.specs)):
             self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
         return logits
+
+
+def _no_media(images, audio) -> None:
+    if images or audio:
+        raise UnsupportedContentError("images and audio are not supported by this runtime yet (text only)")
 
 
 # ---- load-time checks ------------------------------------------------------------------------
@@ -280,37 +435,6 @@ def _check_onnxruntime_version(m: Manifest) -> None:
             f"this export needs onnxruntime >= {needs}, but {ort.__version__} is installed: "
             f"pip install -U onnxruntime"
         )
-
-
-def _pick_provider(provider: str | None) -> str:
-    available = ort.get_available_providers()
-    provider = provider or DEFAULT_PROVIDER
-    if provider not in available:
-        raise ProviderError(
-            f"execution provider {provider!r} is not available in this onnxruntime "
-            f"({ort.__version__}); available: {', '.join(available)}"
-        )
-    return provider
-
-
-def _open_session(folder: Path, m: Manifest, provider: str, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    path = folder / m.graphs["decoder"].file
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise GemmaRuntimeError(
-            f"onnxruntime {ort.__version__} cannot load {path.name}: {str(err).splitlines()[0]}"
-        ) from err
-    # onnxruntime falls back to CPU with only a warning when a provider fails to initialize.
-    if session.get_providers()[0] != provider:
-        raise ProviderError(
-            f"execution provider {provider!r} failed to initialize (onnxruntime chose {session.get_providers()}); "
-            f"check its libraries and drivers"
-        )
-    return session
 
 
 def _check_session(session: ort.InferenceSession, m: Manifest) -> None:

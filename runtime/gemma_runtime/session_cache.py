@@ -1,0 +1,103 @@
+"""onnxruntime sessions, optionally with an on-disk cache of the optimized graph.
+
+With `graph_cache=True` the first load saves onnxruntime's optimized graph (and its own copy of
+the weights, as external data) under <cache dir>/graphs/<key>/, never in the export folder; later
+loads open that with graph optimizations off. The key hashes the graph's and weights' sha256,
+the onnxruntime version, the provider, the optimization level and the machine, since a graph
+optimized at ORT_ENABLE_ALL may hold hardware-specific layouts.
+
+Measured on gemma3-270m fp32 (bench/start_time.py): the optimization step is a small part of a
+start (the weights must be read either way), and the cache doubles the weights on disk, so it
+is off by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import GemmaRuntimeError, ProviderError
+from .integrity import default_cache_dir
+
+GRAPHS = "graphs"
+OPT_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def _options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _create(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise GemmaRuntimeError(
+            f"onnxruntime {ort.__version__} cannot load {path.name}: {str(err).splitlines()[0]}"
+        ) from err
+    # onnxruntime falls back to CPU with only a warning when a provider fails to initialize.
+    if session.get_providers()[0] != provider:
+        raise ProviderError(
+            f"execution provider {provider!r} failed to initialize (onnxruntime chose {session.get_providers()}); "
+            f"check its libraries and drivers"
+        )
+    return session
+
+
+def graph_cache_key(graph_sha256: str, data_sha256: str | None, provider: str) -> str:
+    parts = {
+        "graph": graph_sha256, "data": data_sha256, "onnxruntime": ort.__version__, "provider": provider,
+        "level": str(OPT_LEVEL), "machine": platform.machine(), "processor": platform.processor(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def open_session(path: Path, provider: str, threads: int | None, cache_key: str | None = None,
+                 cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
+    """(session, how it was made: "graph" | "cached optimized graph" | "graph, optimized graph saved")."""
+    if cache_key is None:
+        return _create(path, _options(threads), provider), "graph"
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / GRAPHS
+    entry = root / cache_key
+    if (entry / "done").is_file():
+        options = _options(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return _create(entry / "model.onnx", options, provider), "cached optimized graph"
+        except ProviderError:
+            raise
+        except GemmaRuntimeError as err:
+            warnings.warn(f"the cached optimized graph {entry} is unusable ({err}); rebuilding it", stacklevel=3)
+            shutil.rmtree(entry, ignore_errors=True)
+    options = _options(threads)
+    options.graph_optimization_level = OPT_LEVEL
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
+    except OSError:  # an unwritable cache must not stop the model from running
+        return _create(path, _options(threads), provider), "graph"
+    try:
+        options.optimized_model_filepath = str(staging / "model.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        options.log_severity_level = 3  # quiet the "hardware specific optimizations" notice: the key has the machine
+        session = _create(path, options, provider)
+        (staging / "done").write_text(json.dumps({"source": str(path), "onnxruntime": ort.__version__}))
+        try:
+            os.replace(staging, entry)
+        except OSError:  # another process saved it first
+            shutil.rmtree(staging, ignore_errors=True)
+        return session, "graph, optimized graph saved"
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
