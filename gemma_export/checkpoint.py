@@ -223,6 +223,16 @@ class SafetensorsSource:
         except KeyError:
             raise KeyError(f"no tensor {name!r} in the checkpoint") from None
 
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The tensor as stored (dtype kept), e.g. to write a derived checkpoint (matformer slices)."""
+        entry = self._entry(name)
+        try:
+            return self._handle(entry.file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {e}") from e
+
     def _handle(self, file: Path):
         from safetensors import safe_open
 
@@ -238,12 +248,7 @@ class SafetensorsSource:
 
     def get(self, name: str) -> torch.Tensor:
         entry = self._entry(name)
-        try:
-            t = self._handle(entry.file).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {e}") from e
+        t = self.get_stored(name)
         if not t.is_floating_point():
             raise CheckpointError(
                 f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, not a float dtype; "

@@ -1,5 +1,5 @@
-"""gemma-export: the command line. Export is the default action; eval, bench, check and slice are
-reserved subcommands (later issues)."""
+"""gemma-export: the command line. Export is the default action; `eval` compares two exports
+(evaluate.py); bench, check and slice are reserved subcommands (later issues)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,24 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=list(NAMED_VARIANTS), help="expected model; its default checkpoint if --checkpoint is not given")
     p.add_argument("--checkpoint", help="Hugging Face folder, .gguf file, or hub id")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
-    p.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    p.add_argument("--quant", default="fp32", help="recipe: fp32 (default), fp16, int8, int4 (recipes.py)")
+    q = p.add_argument_group("recipe options (int4/int8)")
+    q.add_argument("--block-size", type=int, help="weights per block along K: 16, 32 (default), 64 or 128")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", default=None, help="zero point per block")
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points (int8 default)")
+    sym.add_argument("--affine", action="store_true", default=None, help="float zero points: a fitted offset per block (int4 default)")
+    q.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level: 0 = float activations (default), 4 = int8 (faster, less exact)")
+    q.add_argument("--lm-head", type=int, dest="lm_head_bits", help="LM head bits: 4, 8 (int4 default) or 32 (keep float)")
+    q.add_argument("--rtn", dest="scale_search", action="store_false", default=None, help="plain round-to-nearest scales (no search)")
+    q.add_argument("--tables", choices=["float32", "int8"], help="host table rows (int8 per row under int4/int8)")
     p.add_argument("--target", default="cpu")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--random-weights", action="store_true", help="full-size variant with random weights (benchmarks)")
+    from .slice_checkpoint import add_slice_arguments
+
+    add_slice_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -40,23 +53,40 @@ def _export(argv: list[str]) -> int:
     from .package import write_export
     from .plan import ExportRequest, make_plan
     from .progress import Progress
+    from .recipes import RecipeOptions
 
     start = time.perf_counter()
     plan = make_plan(ExportRequest(
         variant=args.variant, checkpoint=args.checkpoint, revision=args.revision, quant=args.quant,
         target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
         random_weights=args.random_weights,
+        recipe_options=RecipeOptions(block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
+                                     lm_head_bits=args.lm_head_bits, scale_search=args.scale_search, tables=args.tables,
+                                     affine=args.affine),
+        matformer=args.matformer, matformer_config=args.matformer_config, ffn_dims=args.ffn_dims, skip_layers=args.skip_layers,
     ))
     manifest = write_export(plan, args.out, Progress(enabled=not args.quiet))
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"gemma-export: wrote {args.out} ({manifest.family}, {manifest.quant}, {size / 2**20:.0f} MiB) "
           f"in {time.perf_counter() - start:.0f} s")
+    if "matformer" in manifest.provenance:
+        from .matformer import describe
+
+        print(f"gemma-export: {describe(manifest.provenance['matformer'])}; export on disk {size / 2**20:.1f} MiB")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] == "eval":
+            from .evaluate import main as eval_main
+
+            return eval_main(argv[1:])
+        if argv and argv[0] == "slice":
+            from .slice_checkpoint import main as slice_main
+
+            return slice_main(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             raise ExportError(f"'gemma-export {argv[0]}' is not available in this version yet")
         return _export(argv)

@@ -7,6 +7,7 @@ interrupted export never leaves a half-written out/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,16 +33,20 @@ from gemma_runtime.manifest import (
 from . import __version__
 from .errors import ExportError
 from .graphs import OPSET, cache_names, export_decoder, input_names, output_names, save_with_external_data
-from .host_tables import write_host_tables
+from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
+from .recipes import Recipe, fp32
 from .resources import check_resources
 from .variants import SLIDING, Variant
 from .weights import TensorSource, load_decoder
 
 DECODER_GRAPH = "decoder.onnx"
 DECODER_DATA = "decoder.data"
-# onnxruntime release that first ran our opset-18 graphs with the contrib ops we use (none yet)
+# onnxruntime release that first ran our opset-18 float graphs; quantized recipes raise it
+# (Recipe.min_onnxruntime: MatMulNBits)
 MIN_ONNXRUNTIME = "1.17"
+# per-tensor weight errors kept in provenance["quant_recipe"]["largest_errors"]
+_REPORTED_TENSORS = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class ExportPlan:
     target: str
     max_context: int
     prefill_chunk: int
+    recipe: Recipe = dataclasses.field(default_factory=fp32)
+    matformer: dict | None = None  # the MatFormer slice applied (matformer.slice_record), if any
 
 
 def _sha256(path: Path) -> str:
@@ -106,7 +113,7 @@ def _token_ids(variant: Variant, aux_files: dict[str, Path]) -> TokenIds:
     return TokenIds(bos=variant.bos_token_id, eos=eos_id, pad=variant.pad_token_id, stop=tuple(dict.fromkeys(stop)))
 
 
-def _provenance(plan: ExportPlan) -> dict:
+def _provenance(plan: ExportPlan, quant_report) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -119,11 +126,31 @@ def _provenance(plan: ExportPlan) -> dict:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "opset": OPSET,
-        "min_onnxruntime": MIN_ONNXRUNTIME,
+        "min_onnxruntime": max(MIN_ONNXRUNTIME, plan.recipe.min_onnxruntime, key=_version_key),
         "source": plan.source,
         "source_files_sha256": plan.source_hashes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quant_recipe": _recipe_record(plan.recipe, quant_report),
+        **({"matformer": plan.matformer} if plan.matformer else {}),
     }
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def _recipe_record(recipe: Recipe, report) -> dict:
+    """The recipe as data, and the weights that lost the most (relative Frobenius error)."""
+    record = recipe.to_dict()
+    if report:
+        worst = sorted(report, key=lambda r: -r.rel_error)[:_REPORTED_TENSORS]
+        record["largest_errors"] = [{"tensor": r.module, "format": r.format, "rel_error": round(r.rel_error, 6)} for r in worst]
+        by_class: dict[str, list[float]] = {}
+        for r in report:
+            by_class.setdefault(r.tensor_class, []).append(r.rel_error)
+        record["mean_rel_error"] = {c: round(sum(v) / len(v), 6) for c, v in sorted(by_class.items())}
+        record["tensors"] = len(report)
+    return record
 
 
 @contextlib.contextmanager
@@ -173,8 +200,9 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
         with progress.step(f"writing {DECODER_GRAPH} + {DECODER_DATA}"):
             save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
             del model
-        with progress.step("writing host tables"):
-            tables = write_host_tables(variant, plan.tensors, staging)
+        report = _quantize_decoder(staging, plan.recipe, progress)
+        with progress.step(f"writing host tables ({plan.recipe.tables})"):
+            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables)
         tokenizer_files = []
         for name, path in sorted(plan.aux_files.items()):
             shutil.copyfile(path, staging / name)
@@ -187,7 +215,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             family=variant.family,
             variant=variant.name,
             architecture=variant.architecture,
-            quant=plan.quant,
+            quant=plan.recipe.name,
             target=plan.target,
             hidden_size=variant.hidden_size,
             vocab_size=variant.vocab_size,
@@ -201,9 +229,52 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
             tokens=_token_ids(variant, plan.aux_files),
             files=files,
-            provenance=_provenance(plan),
+            provenance=_provenance(plan, report),
             tokenizer_files=tuple(tokenizer_files),
         )
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _move_into_place(staging, out)
+    return manifest
+
+
+def _quantize_decoder(folder: Path, recipe: Recipe, progress: Progress, source: Path | None = None) -> list:
+    if not recipe.changes_graph:
+        return []
+    from .passes import quantize_decoder_files
+
+    with progress.step(f"quantizing {DECODER_GRAPH} (recipe {recipe.name})"):
+        return quantize_decoder_files(folder, DECODER_GRAPH, DECODER_DATA, recipe, source=source)
+
+
+def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress | None = None) -> Manifest:
+    """A quantized export made from an fp32 export folder `src` (no checkpoint, no torch): the same
+    passes as `gemma-export --quant`, in seconds instead of a new torch export. Benchmarks and the
+    quality tests derive their int8/int4 exports this way from one fp32 export."""
+    from gemma_runtime.manifest import read_manifest
+
+    progress = progress or Progress(enabled=False)
+    src, out = Path(src), Path(out)
+    base = read_manifest(src)
+    if base.quant != "fp32":
+        raise ExportError(f"{src} is a {base.quant} export: requantize from an fp32 export")
+    check_out_folder(out)
+    with _staging_folder(out) as staging:
+        graph = base.graphs["decoder"]
+        tables = dict(base.tables)
+        derived = {t.file for t in tables.values()} if recipe.tables == "int8" else set()
+        if recipe.changes_graph:
+            derived |= {graph.file, graph.data_file}
+        for name in base.files:
+            if name not in derived:
+                shutil.copyfile(src / name, staging / name)
+        report = _quantize_decoder(staging, recipe, progress, source=src)
+        if recipe.tables == "int8":
+            tables = {k: quantize_table_file(staging, t, source=src) for k, t in tables.items()}
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        provenance = dict(base.provenance)
+        provenance["min_onnxruntime"] = max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, key=_version_key)
+        provenance["quant_recipe"] = {**_recipe_record(recipe, report), "requantized_from": str(src)}
+        manifest = dataclasses.replace(base, quant=recipe.name, tables=tables, files=files, provenance=provenance)
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest

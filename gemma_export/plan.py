@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExportError
+from .matformer import apply_to_export, resolve_slice
 from .package import ExportPlan
-from .variants import named_variant, variant_from_config
+from .recipes import RECIPES, RecipeOptions, check_recipe_fits, make_recipe
+from .variants import Variant, named_variant, variant_from_config
 from .weights import RandomTensors
 
-SUPPORTED_QUANTS = ("fp32",)
+SUPPORTED_QUANTS = tuple(RECIPES)
 SUPPORTED_TARGETS = ("cpu",)
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PREFILL_CHUNK = 128
@@ -26,14 +28,16 @@ class ExportRequest:
     max_context: int = DEFAULT_MAX_CONTEXT
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     random_weights: bool = False
+    recipe_options: RecipeOptions = RecipeOptions()
+    matformer: str | None = None  # MatFormer slice (matformer.py): a name in the slicing table,
+    matformer_config: str | None = None  # ... of this table (default: the packaged one),
+    ffn_dims: str | tuple[int, ...] | None = None  # or a custom slice
+    skip_layers: str | tuple[int, ...] | None = None
 
 
 def _check_request(req: ExportRequest) -> None:
-    if req.quant not in SUPPORTED_QUANTS:
-        raise ExportError(
-            f"--quant {req.quant} is not available yet (quantization is tracked in its own issue); "
-            f"this version exports: {', '.join(SUPPORTED_QUANTS)}"
-        )
+    make_recipe(req.quant, req.recipe_options)  # unknown recipes and senseless options fail here
+    resolve_slice(req.matformer, req.matformer_config, req.ffn_dims, req.skip_layers)  # bad slices too
     if req.target not in SUPPORTED_TARGETS:
         raise ExportError(f"--target {req.target} is not available yet; this version builds: {', '.join(SUPPORTED_TARGETS)}")
     if req.prefill_chunk < 1:
@@ -72,11 +76,23 @@ def make_plan(req: ExportRequest) -> ExportPlan:
         variant = variant_from_config(ckpt.config, expected=req.variant)
         tensors, aux, hashes = ckpt.tensors, dict(ckpt.aux_files), dict(ckpt.file_hashes)
         source = ckpt.source
+    config = named_variant(req.variant).config if req.random_weights else ckpt.config
+    variant, tensors, matformer = apply_to_export(req, config, variant, tensors)
     limit = variant.max_position_embeddings
     if limit is not None and req.max_context > limit:
         raise ExportError(f"--max-context {req.max_context} exceeds the model's max_position_embeddings ({limit})")
+    recipe = make_recipe(req.quant, req.recipe_options)
+    check_recipe_fits(recipe, contraction_dims(variant))
     return ExportPlan(
         variant=variant, tensors=tensors, aux_files=aux, source=source, source_hashes=hashes,
-        quant=req.quant, target=req.target, max_context=req.max_context, prefill_chunk=req.prefill_chunk,
+        quant=recipe.name, target=req.target, max_context=req.max_context, prefill_chunk=req.prefill_chunk,
+        recipe=recipe, matformer=matformer,
     )
+
+
+def contraction_dims(variant: Variant) -> dict[str, int]:
+    """The smallest K (rows of MatMul's weight) per tensor class: a block must fit it."""
+    q_dim = variant.num_heads * variant.head_dim
+    return {"attention": min(variant.hidden_size, q_dim), "mlp": min(variant.hidden_size, *variant.intermediate_sizes),
+            "lm_head": variant.hidden_size}
 

@@ -118,9 +118,9 @@ def test_legacy_rope_scaling_yarn_on_gemma(gemma_ckpt, tmp_path, capsys):
     assert "yarn" in line
 
 
-def test_quant_int4_refused(gemma_ckpt, tmp_path, capsys):
-    line = export_fails(capsys, tmp_path / "work", "--quant", "int4", "--checkpoint", str(gemma_ckpt))
-    assert "--quant int4" in line and "fp32" in line
+def test_unknown_quant_refused(gemma_ckpt, tmp_path, capsys):
+    line = export_fails(capsys, tmp_path / "work", "--quant", "int2", "--checkpoint", str(gemma_ckpt))
+    assert "--quant int2" in line and "fp32" in line
 
 
 def test_wrong_tensor_shape_fails_inside_the_staging_folder(gemma_ckpt, tmp_path, capsys):

@@ -1,0 +1,246 @@
+"""gemma-export eval: how far a quantized export is from its reference, under teacher forcing.
+
+    gemma-export eval OUT [OUT ...] --reference REF_OUT --text FILE [--max-tokens N] [--json]
+
+Every export runs the same token ids (the text, encoded by the reference's tokenizer.json): the
+text is cut into segments of at most max_context tokens, each starting with BOS, fed in chunks of
+the prefill chunk with the runtime's KV cache. The exported decoder returns only the last
+position's logits, so each session runs the all-positions variant of decoder.onnx
+(passes/logits.py: the last-position Gather bypassed), built in a temporary folder beside a link
+to the export's weights. Per predicted token:
+
+    top-1 agreement   argmax q == argmax p
+    KL(p || q)        sum_v p_v (log p_v - log q_v)      p: reference, q: candidate
+    perplexity        exp(mean -log q[next token]), the same for p; ratio = ppl(q) / ppl(p)
+
+No torch here: onnxruntime, numpy, onnx (to build the variant) and gemma_runtime's readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+
+METHOD = "all-positions variant of decoder.onnx (last-position Gather bypassed), teacher forcing"
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Scores:
+    folder: str
+    quant: str
+    tokens: int
+    top1: float  # fraction of positions whose argmax agrees with the reference
+    kl: float  # mean KL(reference || this), nats
+    ppl: float
+    ppl_ratio: float  # ppl / reference ppl
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    method: str
+    tokens: int  # predictions scored
+    segments: int
+    chunk: int
+    reference: Scores
+    candidates: tuple[Scores, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Runner:
+    """One export's all-positions session, host tables and KV cache."""
+
+    def __init__(self, folder: Path, threads: int | None):
+        import onnx
+        import onnxruntime as ort
+        from gemma_runtime.integrity import verify_files
+        from gemma_runtime.kv_cache import KVCache
+        from gemma_runtime.manifest import read_manifest
+        from gemma_runtime.tables import HostTableReader
+
+        from .passes.logits import GraphShapeError, all_positions_logits
+
+        self.folder = folder
+        m = self.manifest = read_manifest(folder)
+        verify_files(folder, m.files)
+        graph = m.graphs["decoder"]
+        try:
+            model = all_positions_logits(onnx.load(str(folder / graph.file), load_external_data=False))
+        except GraphShapeError as err:
+            raise ExportError(f"{folder}: {err}") from err
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # the variant is handed over in memory; its weights stay where they are, in the export
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del model
+        self.embed = HostTableReader.open(folder, "embed_tokens", m.tables["embed_tokens"])
+        self.per_layer = None
+        if m.per_layer_inputs is not None:
+            self.per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
+        self.cache = KVCache(m.caches)
+        self.outputs = ["logits", *self.cache.output_names()]
+        self.seconds = 0.0
+
+    def chunk_logits(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
+        """Logits [len(ids), V] of a chunk starting at `position`; its KV rows are stored."""
+        start = time.perf_counter()
+        valid, m = int(ids.size), self.manifest
+        embeds = np.zeros((1, chunk, m.hidden_size), dtype=np.float32)
+        embeds[0, :valid] = self.embed.lookup(ids)
+        feeds = {"inputs_embeds": embeds, "position": np.array([position], dtype=np.int64),
+                 "valid": np.array([valid], dtype=np.int64), **self.cache.feeds()}
+        if self.per_layer is not None:
+            pli = m.per_layer_inputs
+            rows = np.zeros((1, chunk, pli.num_layers, pli.dim), dtype=np.float32)
+            rows[0, :valid] = self.per_layer.lookup(ids).reshape(valid, pli.num_layers, pli.dim)
+            feeds["per_layer_inputs"] = rows
+        logits, *new_rows = self.session.run(self.outputs, feeds)
+        for index in range(len(self.cache.specs)):
+            self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
+        self.seconds += time.perf_counter() - start
+        return logits[:valid]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _segments(ids: Sequence[int], bos: int | None, length: int) -> Iterator[np.ndarray]:
+    """[BOS] + up to length-1 tokens each; every token of `ids` is a target exactly once."""
+    step = length - 1 if bos is not None else length
+    first = 0
+    while first < len(ids):
+        body = list(ids[first:first + step])
+        yield np.asarray(([bos] if bos is not None else []) + body, dtype=np.int64)
+        first += step
+
+
+def evaluate_ids(reference: Path, candidates: Sequence[Path], ids: Sequence[int], threads: int | None = None,
+                 progress: bool = False) -> EvalResult:
+    """Teacher-forced scores of every candidate export against `reference` on the token ids `ids`
+    (text tokens without BOS; each segment gets the reference's BOS)."""
+    reference, candidates = Path(reference), [Path(c) for c in candidates]
+    if not candidates:
+        raise ExportError("name at least one export to evaluate beside --reference")
+    runners = [_Runner(f, threads) for f in [reference, *candidates]]
+    ref = runners[0].manifest
+    for r in runners[1:]:
+        m = r.manifest
+        if (m.vocab_size, m.hidden_size, m.family) != (ref.vocab_size, ref.hidden_size, ref.family):
+            raise ExportError(f"{r.folder} is a different model from {reference} (family, vocab or hidden size differ)")
+    ids = list(ids)
+    if not ids:
+        raise ExportError("no tokens to evaluate")
+    if max(ids) >= ref.vocab_size or min(ids) < 0:
+        raise ExportError(f"token ids must lie in [0, {ref.vocab_size})")
+    length = min(r.manifest.max_context for r in runners)
+    chunk = min(r.manifest.prefill_chunk for r in runners)
+    bos = ref.tokens.bos
+    n = len(candidates)
+    agree, kl = np.zeros(n), np.zeros(n)
+    nll, nll_ref, count, segments = np.zeros(n), 0.0, 0, 0
+    for segment in _segments(ids, bos, length):
+        segments += 1
+        for r in runners:
+            r.cache.reset()
+        targets = segment[1:]
+        for first in range(0, len(segment), chunk):
+            piece = segment[first:first + chunk]
+            scored = min(len(piece), len(targets) - first)  # the segment's last token has no target
+            outs = [r.chunk_logits(piece, first, chunk)[:scored] for r in runners]
+            if scored <= 0:
+                continue
+            tgt = targets[first:first + scored]
+            lp = _log_softmax(outs[0])
+            nll_ref += float(-lp[np.arange(scored), tgt].sum(dtype=np.float64))
+            top_ref = lp.argmax(axis=1)
+            p = np.exp(lp)
+            for j, out in enumerate(outs[1:]):
+                lq = _log_softmax(out)
+                agree[j] += float((lq.argmax(axis=1) == top_ref).sum())
+                kl[j] += float((p * (lp - lq)).sum(dtype=np.float64))
+                nll[j] += float(-lq[np.arange(scored), tgt].sum(dtype=np.float64))
+            count += scored
+        if progress:
+            print(f"gemma-export eval: {count} / {len(ids)} tokens", file=sys.stderr, flush=True)
+    ppl_ref = math.exp(nll_ref / count)
+    ref_scores = Scores(str(reference), ref.quant, count, 1.0, 0.0, ppl_ref, 1.0, runners[0].seconds)
+    cands = tuple(
+        Scores(str(r.folder), r.manifest.quant, count, agree[j] / count, kl[j] / count,
+               math.exp(nll[j] / count), math.exp(nll[j] / count) / ppl_ref, r.seconds)
+        for j, r in enumerate(runners[1:])
+    )
+    return EvalResult(METHOD, count, segments, chunk, ref_scores, cands)
+
+
+def encode_text(reference: Path, text: str) -> list[int]:
+    """The text's token ids by the reference export's tokenizer.json (no BOS)."""
+    path = Path(reference) / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{reference} has no tokenizer.json: --text needs an export made from a checkpoint with a tokenizer")
+    from tokenizers import Tokenizer
+
+    return list(Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids)
+
+
+def cpython_docs_text() -> str:
+    """Human-written English shipped with CPython: the documentation topics of pydoc, in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def format_table(result: EvalResult) -> str:
+    lines = [f"method: {result.method}",
+             f"tokens: {result.tokens} predictions in {result.segments} segment(s), chunks of {result.chunk}",
+             f"{'export':<40} {'quant':<6} {'top-1':>7} {'KL(ref||q)':>11} {'ppl':>9} {'ratio':>7} {'time':>7}"]
+    rows = [result.reference, *result.candidates]
+    for s in rows:
+        top1 = "ref" if s is result.reference else f"{100 * s.top1:6.2f}%"
+        kl = "" if s is result.reference else f"{s.kl:.5f}"
+        lines.append(f"{s.folder[-40:]:<40} {s.quant:<6} {top1:>7} {kl:>11} {s.ppl:9.3f} {s.ppl_ratio:7.4f} {s.seconds:6.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gemma-export eval", description="Teacher-forced comparison of exports with a reference export.")
+    p.add_argument("exports", metavar="OUT", nargs="+", type=Path, help="export folder(s) to score")
+    p.add_argument("--reference", required=True, type=Path, help="reference export (usually --quant fp32)")
+    p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to score on")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"tokens of the text to score (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    if args.max_tokens < 2:
+        raise ExportError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExportError(f"cannot read --text {args.text}: {err}") from err
+    from gemma_runtime.errors import GemmaRuntimeError
+
+    try:
+        ids = encode_text(args.reference, text)[: args.max_tokens]
+        result = evaluate_ids(args.reference, args.exports, ids, threads=args.threads, progress=not args.json)
+    except GemmaRuntimeError as err:
+        raise ExportError(str(err)) from err
+    if len(ids) < args.max_tokens:
+        print(f"gemma-export eval: note: {args.text} has only {len(ids)} tokens (asked for {args.max_tokens})", file=sys.stderr)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_table(result))
+    return 0

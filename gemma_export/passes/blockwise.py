@@ -1,0 +1,205 @@
+"""Block-wise weight quantization in numpy, in the exact layout of com.microsoft.MatMulNBits.
+
+A weight W [K, N] (MatMul's B) is cut along K into blocks of `block_size` per output column n:
+
+    codes q[n, b, i] in [0, 2^bits)      value = (q - zp[n, b]) * scale[n, b]
+    symmetric:  zp = 2^(bits-1), implicit (no zero_points input)
+    asymmetric: zp in [0, 2^bits), stored packed
+    affine:     zp float32 [N * n_blocks] (MatMulNBits takes zero points of the scales' type):
+                value = s q + b per block, a fitted offset b = -s zp (as llama.cpp's Q4_1/Q4_K)
+
+    B            uint8 [N, n_blocks, blob]   4 bits: q[2j] | q[2j+1] << 4;  8 bits: q
+    scales       float32 [N * n_blocks]
+    zero_points  uint8 [N * ceil(n_blocks * bits / 8)], packed like B (4 bits: even block low)
+
+(onnxruntime docs/ContribOperators.md, MatMulNBits.) K is padded to whole blocks by repeating
+the last row: the kernel reads only K rows, and the repeat keeps each block's range unchanged.
+
+Why not onnxruntime.quantization's MatMulNBitsQuantizer: it loads the whole model into memory and
+quantizes node by node in place (no streaming of one tensor at a time from decoder.data), and its
+C++ kernel is plain round-to-nearest. Here the scale of each block is searched: candidates around
+the round-to-nearest scale, each refitted by least squares to its codes, the one with the least
+squared weight error kept (as llama.cpp's make_qx_quants does). The arithmetic is small enough to
+keep exact and testable against the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Candidate scales, as factors on the round-to-nearest scale (searched per block).
+_SEARCH_FACTORS = np.linspace(0.80, 1.12, 17, dtype=np.float32)
+_COLUMNS_PER_STEP = 4096  # bounds temporaries: [4096 cols, K] float32 per step
+
+
+@dataclass(frozen=True)
+class BlockCodes:
+    """Unpacked result for one weight: codes [N, n_blocks, block], scales and zero points [N, n_blocks]."""
+
+    codes: np.ndarray  # uint8
+    scales: np.ndarray  # float32
+    zero_points: np.ndarray  # uint8 (the implicit 2^(bits-1) when symmetric), float32 when affine
+    bits: int
+    symmetric: bool
+    k: int  # rows of the original weight (before padding)
+    rel_error: float = 0.0  # ||W - W'||_F / ||W||_F
+
+
+def _blocks(w_kn: np.ndarray, block: int) -> np.ndarray:
+    """[K, N] -> [N, n_blocks, block] float32, K padded by repeating the last row."""
+    k = w_kn.shape[0]
+    pad = -k % block
+    wt = np.ascontiguousarray(np.asarray(w_kn, dtype=np.float32).T)
+    if pad:
+        wt = np.concatenate([wt, np.repeat(wt[:, -1:], pad, axis=1)], axis=1)
+    return wt.reshape(wt.shape[0], -1, block)
+
+
+def _codes(x: np.ndarray, inv_scale: np.ndarray, zp: np.ndarray, top: int) -> np.ndarray:
+    return np.clip(np.rint(x * inv_scale[..., None]) + zp[..., None], 0, top)
+
+
+def _refit(x: np.ndarray, q: np.ndarray, zp: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Least-squares scale for fixed codes: argmin_s sum (x - s (q - zp))^2."""
+    c = q - zp[..., None]
+    den = (c * c).sum(-1)
+    return np.where(den > 0, (x * c).sum(-1) / np.where(den > 0, den, 1), fallback)
+
+
+def _quantize_symmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    half = 2 ** (bits - 1)
+    top = 2 * half - 1
+    # round-to-nearest: the value of largest magnitude maps to code 0 (= -half), keeping its sign in
+    # the scale, so all 2^bits codes are usable (as onnxruntime's and llama.cpp's Q4_0 do)
+    idx = np.abs(x).argmax(-1)
+    peak = np.take_along_axis(x, idx[..., None], -1)[..., 0]
+    scale = (peak / -half).astype(np.float32)
+    zp = np.full(scale.shape, half, dtype=np.float32)
+    safe = np.where(scale != 0, scale, 1).astype(np.float32)
+    q = _codes(x, 1 / safe, zp, top)
+    if not search:
+        return q, np.where(scale != 0, scale, 0).astype(np.float32), zp
+    best_q, best_s = q, scale
+    best_err = ((x - scale[..., None] * (q - zp[..., None])) ** 2).sum(-1)
+    # the grid range: candidates, and (half - 1) / half, the classic absmax / (2^(bits-1) - 1) scale;
+    # at 8 bits a step is fine enough that a wider search buys nothing measurable, at 4 it does
+    factors = _SEARCH_FACTORS if bits == 4 else np.ones(1, np.float32)
+    for f in (*factors, np.float32((half - 1) / half)):
+        qc = _codes(x, 1 / (safe * f), zp, top)
+        sc = _refit(x, qc, zp, scale).astype(np.float32)
+        err = ((x - sc[..., None] * (qc - zp[..., None])) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, sc, best_s)
+        best_q = np.where(better[..., None], qc, best_q)
+    return best_q, best_s.astype(np.float32), zp
+
+
+def _quantize_asymmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top = 2**bits - 1
+    lo, hi = x.min(-1), x.max(-1)
+
+    def with_range(lo, hi):
+        scale = ((hi - lo) / top).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1).astype(np.float32)
+        zp = np.clip(np.rint(-lo / safe), 0, top).astype(np.float32)
+        return _codes(x, 1 / safe, zp, top), np.where(scale > 0, scale, 0).astype(np.float32), zp
+
+    q, scale, zp = with_range(lo, hi)
+    if not search:
+        return q, scale, zp
+    best = (q, scale, zp)
+    best_err = ((x - scale[..., None] * (q - zp[..., None])) ** 2).sum(-1)
+    for f in _SEARCH_FACTORS[_SEARCH_FACTORS <= 1]:  # shrink the range toward its midpoint
+        mid = (lo + hi) / 2
+        qc, _, zc = with_range(mid + (lo - mid) * f, mid + (hi - mid) * f)
+        sc = _refit(x, qc, zc, scale).astype(np.float32)
+        err = ((x - sc[..., None] * (qc - zc[..., None])) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better[..., None], qc, best[0]), np.where(better, sc, best[1]), np.where(better, zc, best[2]))
+    return best[0], best[1].astype(np.float32), best[2]
+
+
+def _quantize_affine(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x ~ s q + b with float b: codes from the block's range (scaled by each candidate factor),
+    then (s, b) refitted by least squares to the codes; the best fit per block is kept."""
+    top = 2**bits - 1
+    lo, hi = x.min(-1), x.max(-1)
+    span = np.where(hi > lo, hi - lo, 1).astype(np.float32)
+    m = x.shape[-1]
+    best = None
+    for f in (_SEARCH_FACTORS if search else np.ones(1, np.float32)):
+        inv = (top * f / span).astype(np.float32)
+        q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, top)
+        sq, sqq = q.sum(-1), (q * q).sum(-1)
+        sx, sxq = x.sum(-1), (x * q).sum(-1)
+        den = m * sqq - sq * sq
+        ok = den > 0
+        sc = np.where(ok, (m * sxq - sq * sx) / np.where(ok, den, 1), 1 / inv)
+        b = np.where(ok, (sx - sc * sq) / m, lo)
+        sc = np.where(sc != 0, sc, 1).astype(np.float32)  # a constant block: q = 0, value = b
+        err = ((x - (sc[..., None] * q + b[..., None])) ** 2).sum(-1)
+        if best is None:
+            best = [err, q, sc, b]
+        else:
+            better = err < best[0]
+            best = [np.where(better, err, best[0]), np.where(better[..., None], q, best[1]),
+                    np.where(better, sc, best[2]), np.where(better, b, best[3])]
+    _, q, sc, b = best
+    return q, sc.astype(np.float32), (-b / sc).astype(np.float32)
+
+
+def quantize(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True, search: bool = True,
+             affine: bool = False) -> BlockCodes:
+    """Codes, scales and zero points of W [K, N], a step of columns at a time. `affine` (only
+    with symmetric=False): float zero points."""
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits here takes 4 or 8 bits, not {bits}")
+    k, n = w_kn.shape
+    n_blocks = -(-k // block_size)
+    codes = np.empty((n, n_blocks, block_size), dtype=np.uint8)
+    scales = np.empty((n, n_blocks), dtype=np.float32)
+    zps = np.empty((n, n_blocks), dtype=np.float32 if affine else np.uint8)
+    fn = _quantize_symmetric if symmetric else _quantize_affine if affine else _quantize_asymmetric
+    err2 = norm2 = 0.0
+    for start in range(0, n, _COLUMNS_PER_STEP):
+        stop = min(n, start + _COLUMNS_PER_STEP)
+        x = _blocks(w_kn[:, start:stop], block_size)
+        q, s, z = fn(x, bits, search)
+        codes[start:stop], scales[start:stop], zps[start:stop] = q, s, z
+        d = ((q - z[..., None]) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
+        xk = x.reshape(x.shape[0], -1)[:, :k]
+        err2 += float(((xk - d) ** 2).sum(dtype=np.float64))
+        norm2 += float((xk * xk).sum(dtype=np.float64))
+    return BlockCodes(codes, scales, zps, bits, symmetric, k, (err2 / max(norm2, 1e-60)) ** 0.5)
+
+
+def _zero_points_f32(c: BlockCodes) -> np.ndarray:
+    return c.zero_points.astype(np.float32)
+
+
+def dequantize(c: BlockCodes) -> np.ndarray:
+    """W' [K, N] float32: what MatMulNBits multiplies by."""
+    v = (c.codes.astype(np.float32) - _zero_points_f32(c)[..., None]) * c.scales[..., None]
+    return np.ascontiguousarray(v.reshape(v.shape[0], -1)[:, : c.k].T)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Along the last axis: element 2j in the low nibble, 2j+1 in the high one (odd length padded with 0)."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), dtype=q.dtype)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack(c: BlockCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B, scales, zero_points or None) as MatMulNBits takes them."""
+    b = _pack_nibbles(c.codes) if c.bits == 4 else c.codes
+    zp = None
+    if c.zero_points.dtype == np.float32:
+        zp = c.zero_points.reshape(-1).copy()
+    elif not c.symmetric:
+        zp = (_pack_nibbles(c.zero_points) if c.bits == 4 else c.zero_points).reshape(-1)
+    return np.ascontiguousarray(b), c.scales.reshape(-1).copy(), zp

@@ -1,0 +1,198 @@
+"""Passes over the MatMuls with constant weights: MatMulNBits (4/8 bits) and float16 storage.
+
+Which MatMul is which comes from the exporter: torch.onnx records each node's module path in its
+metadata (`pkg.torch.onnx.name_scopes`, e.g. [..., 'decoder.layers.0.self_attn.q_proj', 'linear'])
+and the LM head is our parameter `lm_head_t`. After onnxscript's optimizer every nn.Linear is a
+MatMul whose second input is an initializer [K, N] (the transpose is folded into the weight).
+
+    x [.., K] ──MatMul(W [K, N])──> y          x ──MatMulNBits(B, scales[, zero_points])──> y
+                                        ==>
+                                               x ──MatMul(Cast(W16 -> float32))──> y   (fp16)
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..recipes import Recipe
+from . import blockwise
+from .store import TensorStore
+
+MS_DOMAIN = "com.microsoft"
+_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+@dataclass(frozen=True)
+class WeightMatMul:
+    """A constant weight and the MatMul nodes that take it as their second input."""
+
+    weight: str  # initializer name
+    module: str  # exporter module path ('decoder.layers.0.mlp.up_proj'), or the weight's name
+    tensor_class: str  # attention | mlp | lm_head | other
+    nodes: tuple[int, ...]  # indices in graph.node
+    shape: tuple[int, int]  # [K, N]
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    module: str
+    tensor_class: str
+    shape: tuple[int, int]
+    format: str  # "int4/b32/sym", "fp16", ...
+    rel_error: float  # ||W - W'|| / ||W||
+
+
+def _module_path(node: onnx.NodeProto) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == _SCOPES:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+    return None
+
+
+def _classify(weight: str, module: str | None) -> str:
+    if weight.split(".")[-1] == "lm_head_t":
+        return "lm_head"
+    parts = (module or "").split(".")
+    if "self_attn" in parts:
+        return "attention"
+    if "mlp" in parts:
+        return "mlp"
+    return "other"
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[WeightMatMul]:
+    """MatMuls whose second input is a 2-D float initializer used by nothing but MatMuls' B."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, list[tuple[int, int]]] = {}
+    for i, node in enumerate(graph.node):
+        for slot, name in enumerate(node.input):
+            if name in inits:
+                uses.setdefault(name, []).append((i, slot))
+    graph_outputs = {o.name for o in graph.output}
+    found = []
+    for name, places in uses.items():
+        t = inits[name]
+        if len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or name in graph_outputs:
+            continue
+        if not all(graph.node[i].op_type == "MatMul" and slot == 1 for i, slot in places):
+            continue
+        nodes = tuple(i for i, _ in places)
+        module = _module_path(graph.node[nodes[0]])
+        cls = _classify(name, module)
+        found.append(WeightMatMul(name, module if module and cls != "lm_head" else name, cls, nodes, (t.dims[0], t.dims[1])))
+    return found
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _ensure_ms_opset(model: onnx.ModelProto) -> None:
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _format_name(fmt) -> str:
+    if fmt.bits == 16:
+        return "fp16"
+    kind = "sym" if fmt.symmetric else "affine" if fmt.affine else "asym"
+    return f"int{fmt.bits}/b{fmt.block_size}/{kind}{'' if fmt.scale_search else '/rtn'}/acc{fmt.accuracy_level}"
+
+
+def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
+                     report: list[TensorReport] | None = None, progress=None) -> onnx.ModelProto:
+    """A new model in which every weight MatMul whose class the recipe quantizes is a MatMulNBits
+    (bits 4/8) or a MatMul of a float16 weight cast to float32 (bits 16). `model` is not changed;
+    weights are read and written one at a time through `store`."""
+    out = _copy(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    replaced: dict[str, list[onnx.TensorProto]] = {}  # old weight -> new initializers
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
+    for wm in weight_matmuls(out):
+        fmt = recipe.format_for(wm.tensor_class)
+        if fmt is None:
+            continue
+        w = store.read(inits[wm.weight])
+        if fmt.bits == 16:
+            w16 = w.astype(np.float16)
+            if not np.isfinite(w16).all():
+                raise ValueError(f"{wm.module}: weights overflow float16")
+            err = float(np.linalg.norm(w - w16.astype(np.float32)) / max(np.linalg.norm(w), 1e-30))
+            t16 = store.write(f"{wm.module}.weight_fp16", w16)
+            cast_out = f"{wm.module}.weight_fp16_to_fp32"
+            cast = helper.make_node("Cast", [t16.name], [cast_out], name=f"/{wm.module}/Cast", to=onnx.TensorProto.FLOAT)
+            replaced[wm.weight] = [t16]
+            for n, i in enumerate(wm.nodes):
+                node = onnx.NodeProto()
+                node.CopyFrom(graph.node[i])
+                node.input[1] = cast_out
+                new_nodes[i] = ([cast] if n == 0 else []) + [node]
+            # the Cast must come before every consumer: put it before the first one (nodes are sorted)
+        else:
+            codes = blockwise.quantize(w, fmt.bits, fmt.block_size, fmt.symmetric, fmt.scale_search, fmt.affine)
+            err = codes.rel_error
+            b, scales, zp = blockwise.pack(codes)
+            del codes
+            tensors = [store.write(f"{wm.module}.weight_Q{fmt.bits}", b), store.write(f"{wm.module}.scales", scales)]
+            if zp is not None:
+                tensors.append(store.write(f"{wm.module}.zero_points", zp))
+            replaced[wm.weight] = tensors
+            k, n = wm.shape
+            for i in wm.nodes:
+                old = graph.node[i]
+                attrs = dict(K=k, N=n, bits=fmt.bits, block_size=fmt.block_size)
+                if fmt.accuracy_level:
+                    attrs["accuracy_level"] = fmt.accuracy_level
+                node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], list(old.output),
+                                        name=f"/{wm.module}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+                node.metadata_props.extend(old.metadata_props)
+                new_nodes[i] = [node]
+        del w
+        if report is not None:
+            report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))
+        if progress is not None:
+            progress(wm.module)
+    if not replaced:
+        return out
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.extend(new_nodes.get(i, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for tensors in replaced.values():
+        graph.initializer.extend(tensors)
+    if any(n.domain == MS_DOMAIN for n in graph.node):
+        _ensure_ms_opset(out)
+    return out
+
+
+def relocate_initializers(model: onnx.ModelProto, source: TensorStore, target: TensorStore) -> onnx.ModelProto:
+    """A new model whose initializers that still live in `source` are copied into `target`."""
+    out = _copy(model)
+    moved = []
+    for t in out.graph.initializer:
+        if t.name in target.written:
+            moved.append(t)
+        elif t.data_location == onnx.TensorProto.EXTERNAL:
+            moved.append(target.write(t.name, source.read(t)))
+        else:
+            moved.append(target.copy(t))
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(moved)
+    return out

@@ -1,0 +1,198 @@
+"""Quantization recipes: which tensor class gets which format.
+
+A recipe is data (frozen dataclasses); the passes in gemma_export/passes do the work. Named recipes
+are built by small factories; options from the command line derive a new recipe with
+dataclasses.replace and are checked here, so a recipe that makes no sense fails before any work.
+
+Tensor classes of the decoder graph (passes/classify.py decides them from the exporter's module
+paths): attention (q/k/v/o projections), mlp (gate/up/down), lm_head (the largest single weight),
+other (Gemma 3n's AltUp/Laurel/per-layer projections: small, kept float32 by the named recipes).
+Host tables (embed_tokens, per_layer) have their own row format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ExportError
+
+TENSOR_CLASSES = ("attention", "mlp", "lm_head", "other")
+BLOCK_SIZES = (16, 32, 64, 128)
+# MatMulNBits: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. The recipes default
+# to 0: on Gemma 3 270M, int8 activations (4) cost 2.3 points of top-1 agreement at int8 weights
+# (96.1% vs 98.4%, 1024 tokens); --accuracy-level 4 trades that for the faster int8 kernels.
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+TABLE_FORMATS = ("float32", "int8")
+DEFAULT_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one MatMul weight [K, N] is stored: `MatMulNBits` with `bits`, blocks of `block_size`
+    along K, symmetric (implicit zero point 2^(bits-1)) or asymmetric (uint8 zero points), scales
+    by round-to-nearest or by a per-block search (`scale_search`), `accuracy_level` for the kernel.
+    bits=16 means float16 storage, cast to float32 in the graph (no MatMulNBits)."""
+
+    bits: int
+    block_size: int = DEFAULT_BLOCK
+    symmetric: bool = True
+    accuracy_level: int = 0
+    scale_search: bool = True
+    affine: bool = False  # asymmetric with float32 zero points (a fitted offset per block)
+
+    def check(self, where: str) -> None:
+        if self.bits not in (4, 8, 16):
+            raise ExportError(f"{where}: {self.bits}-bit weights are not supported (4, 8, or 16 for float16)")
+        if self.bits == 16:
+            return
+        if self.block_size not in BLOCK_SIZES:
+            raise ExportError(f"{where}: block size {self.block_size} is not supported (choose one of {', '.join(map(str, BLOCK_SIZES))})")
+        if self.affine and self.symmetric:
+            raise ExportError(f"{where}: float zero points (affine) need asymmetric blocks")
+        if self.affine and self.bits == 8:
+            raise ExportError(f"{where}: onnxruntime's CPU MatMulNBits takes no float zero points with 8-bit weights: drop --affine")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ExportError(f"{where}: accuracy level {self.accuracy_level} is not one of {ACCURACY_LEVELS}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per tensor class a WeightFormat, or None to keep the weight in float32."""
+
+    name: str
+    attention: WeightFormat | None = None
+    mlp: WeightFormat | None = None
+    lm_head: WeightFormat | None = None
+    other: WeightFormat | None = None
+    tables: str = "float32"  # host tables: "float32" or "int8" (per row, float32 scales)
+
+    def format_for(self, tensor_class: str) -> WeightFormat | None:
+        if tensor_class not in TENSOR_CLASSES:
+            raise ExportError(f"unknown tensor class {tensor_class!r} (known: {', '.join(TENSOR_CLASSES)})")
+        return getattr(self, tensor_class)
+
+    @property
+    def formats(self) -> tuple[WeightFormat, ...]:
+        return tuple(f for f in (self.attention, self.mlp, self.lm_head, self.other) if f is not None)
+
+    @property
+    def changes_graph(self) -> bool:
+        return bool(self.formats)
+
+    @property
+    def min_onnxruntime(self) -> str:
+        """MatMulNBits bits=4 with accuracy_level runs on CPU from 1.20 (this project's floor);
+        bits=8 got its x64 kernel in 1.22."""
+        return "1.22" if any(f.bits == 8 for f in self.formats) else "1.20" if self.changes_graph else "1.17"
+
+    def check(self) -> None:
+        for cls in TENSOR_CLASSES:
+            fmt = self.format_for(cls)
+            if fmt is not None:
+                fmt.check(f"recipe {self.name}, {cls}")
+        if self.tables not in TABLE_FORMATS:
+            raise ExportError(f"recipe {self.name}: host table format {self.tables!r} is not one of {TABLE_FORMATS}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fp32() -> Recipe:
+    return Recipe("fp32")
+
+
+def fp16() -> Recipe:
+    """Weights of every MatMul stored as float16 and cast to float32 in the graph: the residual
+    stream, norms, soft-caps and all arithmetic stay float32 (Gemma overflows in float16)."""
+    half = WeightFormat(bits=16)
+    return Recipe("fp16", attention=half, mlp=half, lm_head=half, other=half)
+
+
+def int8() -> Recipe:
+    w8 = WeightFormat(bits=8, block_size=DEFAULT_BLOCK)
+    return Recipe("int8", attention=w8, mlp=w8, lm_head=w8, tables="int8")
+
+
+def int4() -> Recipe:
+    """4-bit blocks of 32, affine (a fitted float offset per block, searched): on Gemma 3 270M it
+    keeps 81% top-1 agreement where symmetric round-to-nearest keeps 73% (1024 tokens). The LM head
+    in int8: it is the largest tensor and its error lands directly on the logits."""
+    w4 = WeightFormat(bits=4, block_size=DEFAULT_BLOCK, symmetric=False, affine=True)
+    return Recipe("int4", attention=w4, mlp=w4, lm_head=WeightFormat(bits=8, block_size=DEFAULT_BLOCK), tables="int8")
+
+
+RECIPES = {"fp32": fp32, "fp16": fp16, "int8": int8, "int4": int4}
+
+
+@dataclass(frozen=True)
+class RecipeOptions:
+    """Command-line changes to a named recipe; None leaves the recipe's choice."""
+
+    block_size: int | None = None
+    symmetric: bool | None = None
+    accuracy_level: int | None = None
+    lm_head_bits: int | None = None  # 4, 8 or 32 (float)
+    scale_search: bool | None = None
+    tables: str | None = None
+    affine: bool | None = None
+
+    def given(self) -> list[str]:
+        flags = {"block_size": "--block-size", "symmetric": "--asymmetric/--symmetric", "accuracy_level": "--accuracy-level",
+                 "lm_head_bits": "--lm-head", "scale_search": "--rtn", "tables": "--tables", "affine": "--affine"}
+        return [flag for field, flag in flags.items() if getattr(self, field) is not None]
+
+
+def make_recipe(name: str, options: RecipeOptions = RecipeOptions()) -> Recipe:
+    """The named recipe with `options` applied; raises ExportError on a combination that makes no
+    sense (block options on a float recipe, unknown sizes, ...)."""
+    if name not in RECIPES:
+        raise ExportError(f"--quant {name} is not a recipe (recipes: {', '.join(RECIPES)})")
+    recipe = RECIPES[name]()
+    integer = [f for f in recipe.formats if f.bits in (4, 8)]
+    if not integer:
+        given = options.given()
+        if given and given != ["--tables"]:
+            raise ExportError(f"{', '.join(given)} only apply to the int4 and int8 recipes, not --quant {name}")
+    changes = {k: v for k, v in (("block_size", options.block_size), ("symmetric", options.symmetric),
+                                 ("accuracy_level", options.accuracy_level), ("scale_search", options.scale_search))
+               if v is not None}
+    if options.affine and not any(f.bits == 4 for f in integer):
+        raise ExportError(f"--affine: float zero points exist for 4-bit weights only (onnxruntime's CPU MatMulNBits "
+                          f"takes none with 8-bit weights), and --quant {name} has no 4-bit weights")
+    if options.symmetric is not None:
+        changes["affine"] = False  # --symmetric / --asymmetric (uint8 zero points); --affine sets it back
+    if options.affine:
+        changes.update(symmetric=False, affine=True)
+
+    def apply(fmt: WeightFormat | None) -> WeightFormat | None:
+        if fmt is None or fmt.bits not in (4, 8):
+            return fmt
+        # float zero points exist for 4-bit weights only (onnxruntime's CPU kernel): --affine on
+        # the int4 recipe leaves its int8 LM head symmetric
+        own = changes if fmt.bits == 4 or not changes.get("affine") else {k: v for k, v in changes.items() if k not in ("affine", "symmetric")}
+        return dataclasses.replace(fmt, **own)
+
+    recipe = dataclasses.replace(recipe, attention=apply(recipe.attention), mlp=apply(recipe.mlp),
+                                 lm_head=apply(recipe.lm_head), other=apply(recipe.other))
+    if options.lm_head_bits is not None:
+        if options.lm_head_bits not in (4, 8, 32):
+            raise ExportError(f"--lm-head {options.lm_head_bits}: choose 4, 8 or 32 (float)")
+        base = recipe.lm_head or recipe.mlp
+        recipe = dataclasses.replace(recipe, lm_head=None if options.lm_head_bits == 32 else dataclasses.replace(base, bits=options.lm_head_bits))
+    if options.tables is not None:
+        recipe = dataclasses.replace(recipe, tables=options.tables)
+    recipe.check()
+    return recipe
+
+
+def check_recipe_fits(recipe: Recipe, contraction_dims: dict[str, int]) -> None:
+    """A block must fit the weight's K (the contraction dimension) of every class it applies to:
+    e.g. block 128 on a 64-wide tiny model would pad every block with dead weights."""
+    for cls, k in contraction_dims.items():
+        fmt = recipe.format_for(cls)
+        if fmt is not None and fmt.bits in (4, 8) and fmt.block_size > k:
+            raise ExportError(
+                f"block size {fmt.block_size} exceeds K = {k} of the {cls} weights of this model: "
+                f"choose --block-size {max([b for b in BLOCK_SIZES if b <= k], default=BLOCK_SIZES[0])} or less"
+            )

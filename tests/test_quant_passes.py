@@ -1,0 +1,291 @@
+"""Quantization passes, exact against numpy: what the graph computes is x @ dequantize(quantize(W)),
+with the packed tensors unpacked here from the MatMulNBits spec (not by the exporter's code)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gemma_export.cli import main as export_main
+from gemma_export.package import requantize_export
+from gemma_export.passes import TensorStore, blockwise, quantize_matmuls
+from gemma_export.passes.logits import all_positions_logits
+from gemma_export.recipes import Recipe, WeightFormat, make_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import MAX_CONTEXT, PREFILL_CHUNK  # noqa: E402
+
+# ---- the MatMulNBits layout, written from docs/ContribOperators.md ---------------------------------
+
+
+def unpack_matmulnbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, k: int, n: int, bits: int, block: int) -> np.ndarray:
+    """W' [K, N] from MatMulNBits' B [N, n_blocks, blob], scales, packed zero points."""
+    n_blocks = -(-k // block)
+    b = b.reshape(n, n_blocks, -1)
+    if bits == 4:
+        codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, n_blocks, block)
+    else:
+        codes = b
+    if zp is None:
+        zero = np.full((n, n_blocks), 2 ** (bits - 1), dtype=np.float32)
+    elif zp.dtype == np.float32:  # zero points of the scales' type: not packed
+        zero = zp.reshape(n, n_blocks)
+    elif bits == 4:
+        per_col = -(-n_blocks // 2)
+        z = zp.reshape(n, per_col)
+        zero = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :n_blocks].astype(np.float32)
+    else:
+        zero = zp.reshape(n, n_blocks).astype(np.float32)
+    w = (codes.astype(np.float32) - zero[..., None]) * scales.reshape(n, n_blocks)[..., None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+def _one_matmul(w: np.ndarray) -> onnx.ModelProto:
+    k, n = w.shape
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'decoder', 'decoder.layers.0.mlp.up_proj', 'linear']")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "T", n])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _mlp_recipe(fmt: WeightFormat) -> Recipe:
+    return Recipe("test", mlp=fmt)
+
+
+@pytest.mark.parametrize("bits, block, symmetric, search, affine", [
+    (4, 32, True, True, False), (4, 16, False, True, False), (4, 128, True, False, False), (4, 64, False, False, False),
+    (4, 32, False, True, True), (4, 16, False, False, True),
+    (8, 32, True, True, False), (8, 16, False, False, False), (8, 128, True, False, False),
+])
+def test_matmulnbits_computes_the_dequantized_weight(bits, block, symmetric, search, affine):
+    rng = np.random.default_rng(bits * 1000 + block)
+    k, n = 200, 48  # K not a multiple of any block: the last block is padded
+    w = (rng.standard_normal((k, n)) * rng.uniform(0.01, 2.0, size=(1, n))).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero column: scale 0 must not produce NaN
+    model = _one_matmul(w)
+    fmt = WeightFormat(bits=bits, block_size=block, symmetric=symmetric, accuracy_level=0, scale_search=search, affine=affine)
+    q = quantize_matmuls(model, _mlp_recipe(fmt), TensorStore())
+    assert [nd.op_type for nd in q.graph.node] == ["MatMulNBits"]
+    assert onnx.ModelProto.SerializeToString(model) == onnx.ModelProto.SerializeToString(_one_matmul(w))  # input unchanged
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = q.graph.node[0]
+    zp = inits[node.input[3]] if len(node.input) > 3 else None
+    assert (zp is None) == symmetric
+    w_deq = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, block)
+    # the exporter's own dequantize agrees with the spec's
+    np.testing.assert_array_equal(blockwise.dequantize(blockwise.quantize(w, bits, block, symmetric, search, affine)), w_deq)
+    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    (y,) = _run(q, {"x": x})
+    ref = x @ w_deq
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # and the weight error is what 4/8 bits allow
+    rel = np.linalg.norm(w - w_deq) / np.linalg.norm(w)
+    assert rel < (0.12 if bits == 4 else 0.008)
+    assert not np.isnan(w_deq).any() and np.all(w_deq[:, 3] == 0)
+
+
+def test_scale_search_never_worse_than_round_to_nearest():
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(4, size=(256, 64)).astype(np.float32)
+    for symmetric, affine in ((True, False), (False, False), (False, True)):
+        rtn = blockwise.quantize(w, 4, 32, symmetric, search=False, affine=affine).rel_error
+        searched = blockwise.quantize(w, 4, 32, symmetric, search=True, affine=affine).rel_error
+        assert searched <= rtn * 0.999
+
+
+def test_accuracy_level_4_stays_close():
+    """int8 activations (accuracy_level 4) are not exact, but stay within a percent."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    q = quantize_matmuls(_one_matmul(w), _mlp_recipe(WeightFormat(bits=4, accuracy_level=4)), TensorStore())
+    x = rng.standard_normal((1, 4, 256)).astype(np.float32)
+    (y,) = _run(q, {"x": x})
+    ref = x @ blockwise.dequantize(blockwise.quantize(w, 4, 32, True, True))
+    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_fp16_pass_casts_float16_weights():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    q = quantize_matmuls(_one_matmul(w), _mlp_recipe(WeightFormat(bits=16)), TensorStore())
+    assert [nd.op_type for nd in q.graph.node] == ["Cast", "MatMul"]
+    assert q.graph.initializer[0].data_type == TensorProto.FLOAT16
+    x = rng.standard_normal((1, 3, 64)).astype(np.float32)
+    (y,) = _run(q, {"x": x})
+    np.testing.assert_allclose(y, x @ w.astype(np.float16).astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+# ---- on tiny exports ------------------------------------------------------------------------------
+
+
+def _export(tiny, family: str, out: Path, *args: str) -> Path:
+    rc = export_main(["--checkpoint", str(tiny.checkpoint(family)), "--max-context", str(MAX_CONTEXT),
+                      "--prefill-chunk", str(PREFILL_CHUNK), "--quiet", *args, str(out)])
+    assert rc == 0
+    return out
+
+
+def _dequantized_graph(folder: Path) -> onnx.ModelProto:
+    """The numpy reference of a quantized decoder: every MatMulNBits replaced by a MatMul of the
+    weight unpacked here, every float16 weight by its float32 value."""
+    model = onnx.load(str(folder / "decoder.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, extra = [], []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            arrays = [numpy_helper.to_array(inits[i]) for i in node.input[1:]]
+            w = unpack_matmulnbits(arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, a["K"], a["N"], a["bits"], a["block_size"])
+            name = node.name + "/dequantized"
+            extra.append(numpy_helper.from_array(w.astype(np.float32), name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], list(node.output)))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(extra)
+    return model
+
+
+@pytest.mark.parametrize("family, args", [
+    ("gemma3_sw24", ["--quant", "int4", "--block-size", "16", "--accuracy-level", "0"]),
+    ("gemma3n", ["--quant", "int8", "--asymmetric", "--accuracy-level", "0"]),
+])
+def test_quantized_decoder_equals_its_dequantized_reference(tiny, tmp_path, family, args):
+    out = _export(tiny, family, tmp_path / "q", *args)
+    q = onnx.load(str(out / "decoder.onnx"))
+    assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
+    manifest = json.loads((out / "manifest.json").read_text())
+    feeds = _zero_feeds(manifest)
+    rng = np.random.default_rng(0)
+    for name, value in feeds.items():
+        if value.dtype == np.float32:
+            feeds[name] = rng.standard_normal(value.shape).astype(np.float32)
+    got = _run(q, feeds)
+    want = _run(_dequantized_graph(out), feeds)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+
+
+def _zero_feeds(manifest: dict) -> dict[str, np.ndarray]:
+    spec = manifest["graphs"]["decoder"]["inputs"]
+    feeds = {}
+    for t in spec:
+        shape = [PREFILL_CHUNK if d == "T" else d for d in t["shape"]]
+        feeds[t["name"]] = np.zeros(shape, dtype=np.dtype(t["dtype"]))
+    feeds["position"][:] = 3
+    feeds["valid"][:] = PREFILL_CHUNK - 2
+    return feeds
+
+
+def test_int8_table_lookup_equals_the_dequantized_rows(tiny, tmp_path):
+    from gemma_runtime.manifest import read_manifest
+    from gemma_runtime.tables import HostTableReader
+
+    fp32 = tiny.export("gemma3n")
+    out = requantize_export(fp32, tmp_path / "int4", make_recipe("int4"))
+    for name, spec in out.tables.items():
+        assert spec.dtype == "int8" and spec.scale_layout == "per_row"
+        floats = read_manifest(fp32).tables[name]
+        x = np.fromfile(fp32 / floats.file, dtype=np.float32).reshape(floats.shape)
+        peak = np.abs(x).max(axis=1)
+        scale = (peak / 127).astype(np.float32)
+        q = np.clip(np.rint(x / np.where(scale > 0, scale, 1)[:, None]), -127, 127)
+        reader = HostTableReader.open(tmp_path / "int4", name, spec)
+        ids = np.arange(spec.shape[0])
+        np.testing.assert_array_equal(reader.lookup(ids), (q * scale[:, None]).astype(np.float32))
+
+
+def test_runtime_runs_quantized_exports(tiny, tmp_path):
+    from gemma_runtime import Model
+
+    fp32 = tiny.export("gemma3_sw8")
+    for recipe in ("int4", "int8", "fp16"):
+        requantize_export(fp32, tmp_path / recipe, make_recipe(recipe))
+        model = Model.load(tmp_path / recipe)
+        assert model.manifest.quant == recipe
+        tokens = model.generate_ids([2, 17, 33, 4, 90, 11, 5, 61, 7, 8], max_new_tokens=6)
+        assert len(tokens) >= 1 and all(0 <= t < 300 for t in tokens)
+    fp16, ref = Model.load(tmp_path / "fp16"), Model.load(fp32)
+    assert fp16.generate_ids([2, 17, 33, 4], 12) == ref.generate_ids([2, 17, 33, 4], 12)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_and_requantize_agree(tiny, tmp_path):
+    """gemma-export --quant int4 and requantize_export(fp32 export) write the same bytes."""
+    direct = _export(tiny, "gemma3_sw24", tmp_path / "direct", "--quant", "int4", "--block-size", "16")
+    derived = tmp_path / "derived"
+    requantize_export(tiny.export("gemma3_sw24"), derived, make_recipe("int4", _options(block_size=16)))
+    for f in ("decoder.data", "embed_tokens.bin"):
+        assert _sha(direct / f) == _sha(derived / f), f
+    rec = json.loads((direct / "manifest.json").read_text())["provenance"]["quant_recipe"]
+    assert rec["name"] == "int4" and rec["attention"]["bits"] == 4 and rec["lm_head"]["bits"] == 8
+    assert rec["largest_errors"] and rec["tensors"] > 0
+
+
+def _options(**kw):
+    from gemma_export.recipes import RecipeOptions
+
+    return RecipeOptions(**kw)
+
+
+@pytest.mark.parametrize("family", ["gemma3_sw24", "gemma3n"])
+def test_all_positions_variant_matches_last_position_graph(tiny, family):
+    """Row t of the all-positions logits is what the export returns with valid = t + 1."""
+    folder = tiny.export(family)
+    base = onnx.load(str(folder / "decoder.onnx"))
+    variant = all_positions_logits(base)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    feeds = _zero_feeds(manifest)
+    rng = np.random.default_rng(1)
+    feeds["inputs_embeds"] = rng.standard_normal(feeds["inputs_embeds"].shape).astype(np.float32)
+    if "per_layer_inputs" in feeds:
+        feeds["per_layer_inputs"] = rng.standard_normal(feeds["per_layer_inputs"].shape).astype(np.float32)
+    feeds["valid"][:] = PREFILL_CHUNK
+    all_rows = _run(variant, feeds)[0]
+    assert all_rows.shape == (PREFILL_CHUNK, manifest["vocab_size"])
+    session = ort.InferenceSession(base.SerializeToString(), providers=["CPUExecutionProvider"])
+    for t in (0, 3, PREFILL_CHUNK - 1):
+        last = session.run(["logits"], {**feeds, "valid": np.array([t + 1], dtype=np.int64)})[0]
+        np.testing.assert_allclose(all_rows[t], last[0], rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(last).max())))
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--quant", "int3"], ["int3", "recipes"]),
+    (["--quant", "int4", "--block-size", "48"], ["block size 48"]),
+    (["--quant", "fp32", "--block-size", "32"], ["--block-size", "only apply"]),
+    (["--quant", "fp16", "--asymmetric"], ["--asymmetric", "only apply"]),
+    (["--quant", "int8", "--accuracy-level", "7"], ["accuracy level 7"]),
+    (["--quant", "int4", "--lm-head", "5"], ["--lm-head 5"]),
+    (["--quant", "int8", "--affine"], ["float zero points", "8-bit"]),
+    (["--quant", "int4", "--block-size", "128"], ["block size 128 exceeds K = 64"]),
+])
+def test_senseless_recipes_are_refused(tiny, tmp_path, capsys, args, words):
+    out, ckpt = tmp_path / "out", tiny.checkpoint("gemma")
+    capsys.readouterr()
+    rc = export_main(["--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK),
+                      "--quiet", *args, str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("gemma-export: error:"), err
+    assert all(w in err[0] for w in words), err[0]
+    assert not out.exists()

@@ -1,0 +1,67 @@
+"""Quality floors of the quantized Gemma 3 270M (the GGUF on PyPI) against its fp32 export.
+
+One fp32 export (~60 s), the int8/int4/fp16 exports derived from it by the same passes as
+`gemma-export --quant` (requantize_export, 10-25 s each), then one teacher-forced evaluation over
+2048 tokens of CPython's documentation text (pydoc_data.topics, from its first topic on). Nothing
+is calibrated on text, so no calibration text overlaps it. The floors sit a little below the
+figures measured when they were set (see the report in bench/quant_quality.py's docstring).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gemma_export.cli import main as export_main
+from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
+from gemma_export.package import requantize_export
+from gemma_export.recipes import make_recipe
+
+TOKENS = 2048  # 4096 in bench/quant_quality.py; 2048 keeps this file near 3 minutes on 2 cores
+# recipe: (min top-1 agreement, max KL, max perplexity ratio). Measured on these 2048 tokens:
+# int8 98.05% / 0.00111 / 0.997, int4 79.8% / 0.159 / 1.140 (4096 tokens: int8 98.44% / 0.00095 /
+# 0.998, int4 81.1% / 0.160 / 1.155). int4 misses the issue's targets (90%, 1.05): see the report.
+FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.77, 0.18, 1.16)}
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-real")
+    fp32 = root / "fp32"
+    assert export_main(["--variant", "gemma3-270m", "--quiet", str(fp32)]) == 0
+    out = {"fp32": fp32}
+    for recipe in ("int8", "int4", "fp16"):
+        requantize_export(fp32, root / recipe, make_recipe(recipe))
+        out[recipe] = root / recipe
+    return out
+
+
+@pytest.fixture(scope="module")
+def scores(exports):
+    ids = encode_text(exports["fp32"], cpython_docs_text())[:TOKENS]
+    result = evaluate_ids(exports["fp32"], [exports["int8"], exports["int4"]], ids)
+    return {s.quant: s for s in result.candidates}
+
+
+@pytest.mark.parametrize("recipe", sorted(FLOORS))
+def test_quality_floor(scores, recipe):
+    top1, kl, ratio = FLOORS[recipe]
+    s = scores[recipe]
+    print(f"{recipe}: top-1 {s.top1:.4f}, KL {s.kl:.5f}, ppl ratio {s.ppl_ratio:.4f}")
+    assert s.tokens == TOKENS
+    assert s.top1 >= top1 and s.kl <= kl and s.ppl_ratio <= ratio, s
+
+
+def test_sizes_shrink(exports):
+    size = {k: sum(f.stat().st_size for f in v.iterdir()) for k, v in exports.items()}
+    assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fp16_greedy_matches_fp32(exports, prompt):
+    """float16 weights, float32 arithmetic: the same greedy tokens as the fp32 export."""
+    from gemma_runtime import Model
+
+    ref, half = Model.load(exports["fp32"]), Model.load(exports["fp16"])
+    ids = ref.encode(prompt)
+    assert half.generate_ids(ids, 32) == ref.generate_ids(ids, 32)
