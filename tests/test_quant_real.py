@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 
-from gemma_export.cli import main as export_main
 from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
 from gemma_export.package import requantize_export
 from gemma_export.recipes import make_recipe
@@ -25,10 +24,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(tmp_path_factory, real_270m_export):
     root = tmp_path_factory.mktemp("quant-real")
-    fp32 = root / "fp32"
-    assert export_main(["--variant", "gemma3-270m", "--quiet", str(fp32)]) == 0
+    fp32 = real_270m_export  # the session's one fp32 export (conftest.py)
     out = {"fp32": fp32}
     for recipe in ("int8", "int4", "fp16"):
         requantize_export(fp32, root / recipe, make_recipe(recipe))
