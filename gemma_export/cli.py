@@ -1,5 +1,6 @@
 """gemma-export: the command line. Export is the default action; `eval` compares two exports
-(evaluate.py); bench, check and slice are reserved subcommands (later issues)."""
+(evaluate.py); `slice` writes a MatFormer slice as a Hugging Face folder (slice_checkpoint.py);
+bench and check are reserved subcommands (later issues)."""
 
 from __future__ import annotations
 

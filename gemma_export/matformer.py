@@ -304,8 +304,15 @@ class SlicedTensors:
         return op.shape(tuple(self.inner.shape(op.source)))
 
     def get(self, name: str) -> torch.Tensor:
+        """As float32 (the TensorSource contract); a cut tensor is cut in its stored dtype first,
+        so the float32 copy is only ever made of what is kept (the per-layer table: GBs)."""
         op = self._op(name)
-        return op.apply(self.inner.get(op.source))
+        if op.kind == "copy" or not hasattr(self.inner, "get_stored"):
+            return op.apply(self.inner.get(op.source))
+        t = op.apply(self.inner.get_stored(op.source))
+        if not t.is_floating_point():
+            raise MatformerError(f"{op.source}: dtype {t.dtype} is not a float dtype; quantized checkpoints are not sliced")
+        return t.to(torch.float32).contiguous()
 
     def get_stored(self, name: str) -> torch.Tensor:
         """The cut tensor in the source's stored dtype (bf16 stays bf16), for writing a checkpoint."""
