@@ -47,45 +47,53 @@ def _export_with_rss(out: Path, recipe: str) -> tuple[float, float]:
 
 
 def _genai_scores(model_dir: Path, ids: list[int], bos: int, ref_folder: Path) -> dict:
-    """Teacher-forced logits of onnxruntime-genai's model.onnx (all positions, one pass), scored
-    against the fp32 export's all-positions logits on the same ids."""
+    """Teacher-forced logits of onnxruntime-genai's model.onnx (all positions, one pass per
+    segment, empty past), scored against the fp32 export's all-positions logits on the same
+    segments as gemma-export eval (evaluate._segments: BOS + up to max_context - 1 tokens)."""
     import onnxruntime as ort
 
-    from gemma_export.evaluate import _Runner
+    from gemma_export.evaluate import _Runner, _segments
 
     sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
+    head_size = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
     ref = _Runner(ref_folder, None)
-    seq = np.asarray([bos] + ids, dtype=np.int64)
-    n = len(seq) - 1
-    window = ref.manifest.max_context
-    assert len(seq) <= window, "genai scoring runs one segment: use --tokens < max_context"
-    feeds = {"input_ids": seq[None], "attention_mask": np.ones((1, len(seq)), dtype=np.int64)}
-    for name, arg in inputs.items():
-        if name.startswith("past_key_values"):
-            shape = [1 if d == "batch_size" else 0 if isinstance(d, str) else d for d in arg.shape]
-            feeds[name] = np.zeros(shape, dtype=np.float32)
-        elif name == "position_ids":
-            feeds[name] = np.arange(len(seq), dtype=np.int64)[None]
-    start = time.perf_counter()
-    logits = sess.run(["logits"], feeds)[0][0]
-    seconds = time.perf_counter() - start
-    agree = kl = nll = nll_ref = 0.0
     chunk = ref.manifest.prefill_chunk
-    for first in range(0, len(seq), chunk):
-        piece = seq[first:first + chunk]
-        lp = _log_softmax(ref.chunk_logits(piece, first, chunk))
-        scored = min(len(piece), n - first)
-        if scored <= 0:
-            break
-        lp, lq = lp[:scored], _log_softmax(logits[first:first + scored].astype(np.float32))
-        tgt = seq[first + 1:first + 1 + scored]
-        agree += float((lp.argmax(1) == lq.argmax(1)).sum())
-        kl += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
-        nll += float(-lq[np.arange(scored), tgt].sum())
-        nll_ref += float(-lp[np.arange(scored), tgt].sum())
+    agree = kl = nll = nll_ref = 0.0
+    n = 0
+    seconds = 0.0
+    for seq in _segments(ids, bos, ref.manifest.max_context):
+        ref.cache.reset()
+        feeds = {"input_ids": seq[None], "attention_mask": np.ones((1, len(seq)), dtype=np.int64)}
+        for name, arg in inputs.items():
+            if name.startswith("past_key_values"):
+                # [batch, kv heads, past length, head size]: an empty past; the head size may be
+                # symbolic ('kv_cache_dim'): genai_config.json has it
+                shape = [1 if d == "batch_size" else head_size if d == "kv_cache_dim" else 0 if isinstance(d, str) else d
+                         for d in arg.shape]
+                feeds[name] = np.zeros(shape, dtype=np.float32)
+            elif name == "position_ids":
+                feeds[name] = np.arange(len(seq), dtype=np.int64)[None]
+        start = time.perf_counter()
+        logits = sess.run(["logits"], feeds)[0][0]
+        seconds += time.perf_counter() - start
+        targets = len(seq) - 1
+        for first in range(0, len(seq), chunk):
+            piece = seq[first:first + chunk]
+            lp = _log_softmax(ref.chunk_logits(piece, first, chunk))
+            scored = min(len(piece), targets - first)
+            if scored <= 0:
+                break
+            lp, lq = lp[:scored], _log_softmax(logits[first:first + scored].astype(np.float32))
+            tgt = seq[first + 1:first + 1 + scored]
+            agree += float((lp.argmax(1) == lq.argmax(1)).sum())
+            kl += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
+            nll += float(-lq[np.arange(scored), tgt].sum())
+            nll_ref += float(-lp[np.arange(scored), tgt].sum())
+        n += targets
     ppl, ppl_ref = float(np.exp(nll / n)), float(np.exp(nll_ref / n))
-    return {"top1": agree / n, "kl": kl / n, "ppl": ppl, "ppl_ratio": ppl / ppl_ref, "seconds": seconds, "size": _size(model_dir)}
+    return {"tokens": n, "top1": agree / n, "kl": kl / n, "ppl": ppl, "ppl_ratio": ppl / ppl_ref, "seconds": seconds,
+            "size": _size(model_dir)}
 
 
 def main() -> int:

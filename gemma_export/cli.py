@@ -42,6 +42,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--random-weights", action="store_true", help="full-size variant with random weights (benchmarks)")
+    p.add_argument("--text-only", action="store_true",
+                   help="multimodal Gemma 3n checkpoints: skip the vision and audio encoders (no vision.onnx/audio.onnx; "
+                   "the export then takes text only)")
     from .slice_checkpoint import add_slice_arguments
 
     add_slice_arguments(p)
@@ -60,7 +63,7 @@ def _export(argv: list[str]) -> int:
     plan = make_plan(ExportRequest(
         variant=args.variant, checkpoint=args.checkpoint, revision=args.revision, quant=args.quant,
         target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-        random_weights=args.random_weights,
+        random_weights=args.random_weights, text_only=args.text_only,
         recipe_options=RecipeOptions(block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
                                      lm_head_bits=args.lm_head_bits, scale_search=args.scale_search, tables=args.tables,
                                      affine=args.affine),

@@ -63,7 +63,7 @@ class EvalResult:
 class _Runner:
     """One export's all-positions session, host tables and KV cache."""
 
-    def __init__(self, folder: Path, threads: int | None):
+    def __init__(self, folder: Path, threads: int | None, calibrate: bool = False):
         import onnx
         import onnxruntime as ort
         from gemma_runtime.integrity import verify_files
@@ -71,6 +71,7 @@ class _Runner:
         from gemma_runtime.manifest import read_manifest
         from gemma_runtime.tables import HostTableReader
 
+        from .passes.calibrate import calibration_variant
         from .passes.logits import GraphShapeError, all_positions_logits
 
         self.folder = folder
@@ -78,7 +79,12 @@ class _Runner:
         verify_files(folder, m.files)
         graph = m.graphs["decoder"]
         try:
-            model = all_positions_logits(onnx.load(str(folder / graph.file), load_external_data=False))
+            model = onnx.load(str(folder / graph.file), load_external_data=False)
+            self.calibration_inputs: dict[str, list[str]] = {}
+            if calibrate:  # MatMul inputs as extra outputs (passes/calibrate.py)
+                model, self.calibration_inputs = calibration_variant(model)
+            else:
+                model = all_positions_logits(model)
         except GraphShapeError as err:
             raise ExportError(f"{folder}: {err}") from err
         options = ort.SessionOptions()
@@ -94,6 +100,8 @@ class _Runner:
             self.per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
         self.cache = KVCache(m.caches)
         self.outputs = ["logits", *self.cache.output_names()]
+        self.extra = list(self.calibration_inputs)
+        self.last_extra: dict[str, np.ndarray] = {}
         self.seconds = 0.0
 
     def chunk_logits(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
@@ -109,7 +117,10 @@ class _Runner:
             rows = np.zeros((1, chunk, pli.num_layers, pli.dim), dtype=np.float32)
             rows[0, :valid] = self.per_layer.lookup(ids).reshape(valid, pli.num_layers, pli.dim)
             feeds["per_layer_inputs"] = rows
-        logits, *new_rows = self.session.run(self.outputs, feeds)
+        logits, *new_rows = self.session.run(self.outputs + self.extra, feeds)
+        if self.extra:
+            self.last_extra = dict(zip(self.extra, new_rows[len(self.outputs) - 1:]))
+            new_rows = new_rows[: len(self.outputs) - 1]
         for index in range(len(self.cache.specs)):
             self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
         self.seconds += time.perf_counter() - start
@@ -204,6 +215,36 @@ def cpython_docs_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+CALIBRATION_TOKENS = 2048
+
+
+def calibration_ids(reference: Path, tokens: int = CALIBRATION_TOKENS) -> tuple[list[int], str]:
+    """Calibration token ids and their description: the LAST `tokens` tokens of CPython's docs text
+    (the same encoding of pydoc_data.topics as the evaluation), which evaluation never reaches: it
+    scores the first DEFAULT_MAX_TOKENS tokens and the text has ~112k; checked here."""
+    ids = encode_text(reference, cpython_docs_text())
+    if len(ids) < tokens + 4 * DEFAULT_MAX_TOKENS:
+        raise ExportError(f"CPython's docs text has {len(ids)} tokens: too few to keep calibration apart from evaluation")
+    return ids[-tokens:], f"pydoc_data.topics, last {tokens} of {len(ids)} tokens (evaluation scores the first ones)"
+
+
+def collect_importance(folder: Path, ids: Sequence[int], threads: int | None = None) -> dict[str, np.ndarray]:
+    """Weight initializer name -> mean x^2 per input channel of its MatMul, over `ids` run through
+    the export in `folder` (an fp32 export) under teacher forcing, in segments and chunks as eval."""
+    from .passes.calibrate import InputStats, accumulate, importance
+
+    runner = _Runner(Path(folder), threads, calibrate=True)
+    m = runner.manifest
+    stats = InputStats()
+    for segment in _segments(list(ids), m.tokens.bos, m.max_context):
+        runner.cache.reset()
+        for first in range(0, len(segment), m.prefill_chunk):
+            piece = segment[first:first + m.prefill_chunk]
+            runner.chunk_logits(piece, first, m.prefill_chunk)
+            accumulate(stats, runner.last_extra, len(piece))
+    return importance(stats, runner.calibration_inputs)
 
 
 def format_table(result: EvalResult) -> str:

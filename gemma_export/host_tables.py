@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gemma_runtime.manifest import HostTable
 
@@ -87,8 +88,26 @@ def quantize_table_file(folder: Path, table: HostTable, source: Path | None = No
     return _int8_spec(table.file, rows, cols)
 
 
-def write_host_tables(variant: Variant, tensors: TensorSource, folder: Path, row_format: str = "float32") -> dict[str, HostTable]:
-    """Writes the tables in `row_format` ("float32" or "int8"); returns their manifest entries."""
+def _with_rows(blocks, overrides: dict[int, np.ndarray]):
+    """The row blocks with rows [start, start + len(rows)) replaced by `rows`, per override."""
+    first = 0
+    for block in blocks:
+        array = block.detach().to("cpu").float().numpy()
+        n = array.shape[0]
+        for start, rows in overrides.items():
+            lo, hi = max(start, first), min(start + rows.shape[0], first + n)
+            if lo < hi:
+                array = array.copy() if not array.flags.writeable else array
+                array[lo - first : hi - first] = rows[lo - start : hi - start]
+        first += n
+        yield torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def write_host_tables(variant: Variant, tensors: TensorSource, folder: Path, row_format: str = "float32",
+                      embed_overrides: dict[int, np.ndarray] | None = None) -> dict[str, HostTable]:
+    """Writes the tables in `row_format` ("float32" or "int8"); returns their manifest entries.
+    embed_overrides: first row -> float32 rows [n, H] written into embed_tokens.bin instead of the
+    scaled text rows (Gemma 3n: the vision/audio vocabularies, embedded by their hard paths)."""
     prefix = TEXT_PREFIX[variant.architecture]
     sources = {EMBED_TOKENS: (prefix + "embed_tokens.weight", math.sqrt(variant.hidden_size))}
     if variant.gemma3n:
@@ -97,6 +116,11 @@ def write_host_tables(variant: Variant, tensors: TensorSource, folder: Path, row
     for table, (name, scale) in sources.items():
         file = TABLE_FILES[table]
         blocks = table_rows(tensors, name, scale)
+        if table == EMBED_TOKENS and embed_overrides:
+            end = max(start + rows.shape[0] for start, rows in embed_overrides.items())
+            if end > tensors.shape(name)[0]:
+                raise ValueError(f"embed_tokens has {tensors.shape(name)[0]} rows; the hard-token rows end at {end}")
+            blocks = _with_rows(blocks, embed_overrides)
         if row_format == "int8":
             tables[table] = _write_int8_per_row(folder / file, (b.detach().to("cpu").float().numpy() for b in blocks))
         elif row_format == "float32":

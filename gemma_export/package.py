@@ -64,6 +64,10 @@ class ExportPlan:
     prefill_chunk: int
     recipe: Recipe = dataclasses.field(default_factory=fp32)
     matformer: dict | None = None  # the MatFormer slice applied (matformer.slice_record), if any
+    # Gemma3nForConditionalGeneration: the checkpoint's config.json when the vision and audio
+    # encoders are exported too (encoders.py); None for text models and under --text-only
+    encoders: dict | None = None
+    text_only: bool = False  # --text-only was asked for (recorded in provenance)
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +104,7 @@ def _caches(variant: Variant, max_context: int) -> tuple[CacheSpec, ...]:
     return tuple(specs)
 
 
-def _token_ids(variant: Variant, aux_files: dict[str, Path]) -> TokenIds:
+def _token_ids(variant: Variant, aux_files: dict[str, Path], encoders: dict | None = None) -> TokenIds:
     """Stop ids come from generation_config.json when the checkpoint has one (Gemma's instruction
     checkpoints stop on <end_of_turn> too), else from config.json's eos."""
     stop = list(variant.eos_token_ids)
@@ -110,7 +114,13 @@ def _token_ids(variant: Variant, aux_files: dict[str, Path]) -> TokenIds:
         if eos is not None:
             stop = list(eos) if isinstance(eos, list) else [eos]
     eos_id = variant.eos_token_ids[0] if variant.eos_token_ids else (stop[0] if stop else None)
-    return TokenIds(bos=variant.bos_token_id, eos=eos_id, pad=variant.pad_token_id, stop=tuple(dict.fromkeys(stop)))
+    media = {}
+    if encoders is not None:
+        from .encoders import multimodal_token_ids
+
+        media = multimodal_token_ids(encoders)
+    return TokenIds(bos=variant.bos_token_id, eos=eos_id, pad=variant.pad_token_id, stop=tuple(dict.fromkeys(stop)),
+                    **media)
 
 
 def _provenance(plan: ExportPlan, quant_report) -> dict:
@@ -132,6 +142,8 @@ def _provenance(plan: ExportPlan, quant_report) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quant_recipe": _recipe_record(plan.recipe, quant_report),
         **({"matformer": plan.matformer} if plan.matformer else {}),
+        **({"text_only": True} if plan.text_only else {}),
+        **({"encoders": "vision.onnx, audio.onnx (fp32)"} if plan.encoders is not None else {}),
     }
 
 
@@ -188,6 +200,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
 def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
     out = Path(out)
     check_out_folder(out)
+    if plan.recipe.calibration is not None:
+        if "tokenizer.json" in plan.aux_files:
+            return _write_calibrated_export(plan, out, progress)
+        # no tokenizer (random weights): nothing to calibrate on; the manifest's recipe says so
+        plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, calibration=None))
     variant = plan.variant
     check_resources(variant, out.parent)
     with _staging_folder(out) as staging:
@@ -201,8 +218,13 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
             del model
         report = _quantize_decoder(staging, plan.recipe, progress)
+        encoder_graphs, hard_rows = {}, None
+        if plan.encoders is not None:
+            from .encoders import write_encoders
+
+            encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
         with progress.step(f"writing host tables ({plan.recipe.tables})"):
-            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables)
+            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
         tokenizer_files = []
         for name, path in sorted(plan.aux_files.items()):
             shutil.copyfile(path, staging / name)
@@ -222,12 +244,12 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             prefill_chunk=plan.prefill_chunk,
             max_context=plan.max_context,
             sliding_window=variant.sliding_window,
-            graphs={"decoder": _graph_spec(variant, plan)},
+            graphs={"decoder": _graph_spec(variant, plan), **encoder_graphs},
             kv_layout="past_and_new_blocks",
             caches=_caches(variant, plan.max_context),
             tables=tables,
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
-            tokens=_token_ids(variant, plan.aux_files),
+            tokens=_token_ids(variant, plan.aux_files, plan.encoders),
             files=files,
             provenance=_provenance(plan, report),
             tokenizer_files=tuple(tokenizer_files),
@@ -237,16 +259,45 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
     return manifest
 
 
-def _quantize_decoder(folder: Path, recipe: Recipe, progress: Progress, source: Path | None = None) -> list:
+def _write_calibrated_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
+    """A calibrated recipe needs the float model to run: the fp32 export is written beside out/
+    first (temporarily: disk and memory of the float model), calibrated and requantized into out/."""
+    fp32_out = out.with_name(f".{out.name}.fp32-{os.getpid()}")
+    shutil.rmtree(fp32_out, ignore_errors=True)
+    try:
+        write_export(dataclasses.replace(plan, recipe=fp32(), quant="fp32"), fp32_out, progress)
+        return requantize_export(fp32_out, out, plan.recipe, progress, record_source=False)
+    finally:
+        shutil.rmtree(fp32_out, ignore_errors=True)
+
+
+def _calibrate(src: Path, recipe: Recipe, progress: Progress) -> tuple[Recipe, dict | None, dict]:
+    """(recipe, importance or None, what to record): the per-input-channel mean x^2 of every weight
+    MatMul of the fp32 export `src` on the calibration text (evaluate.calibration_ids: the tail of
+    CPython's docs text, disjoint from what eval scores). Without a tokenizer, uncalibrated."""
+    if recipe.calibration is None:
+        return recipe, None, {}
+    if not (src / "tokenizer.json").is_file():
+        return dataclasses.replace(recipe, calibration=None), None, {"calibration_skipped": "the export has no tokenizer.json"}
+    from .evaluate import calibration_ids, collect_importance
+
+    with progress.step(f"calibrating ({recipe.calibration})"):
+        ids, text = calibration_ids(src, recipe.calibration_tokens)
+        return recipe, collect_importance(src, ids), {"calibration_text": text}
+
+
+def _quantize_decoder(folder: Path, recipe: Recipe, progress: Progress, source: Path | None = None,
+                      importance: dict | None = None) -> list:
     if not recipe.changes_graph:
         return []
     from .passes import quantize_decoder_files
 
     with progress.step(f"quantizing {DECODER_GRAPH} (recipe {recipe.name})"):
-        return quantize_decoder_files(folder, DECODER_GRAPH, DECODER_DATA, recipe, source=source)
+        return quantize_decoder_files(folder, DECODER_GRAPH, DECODER_DATA, recipe, source=source, importance=importance)
 
 
-def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress | None = None) -> Manifest:
+def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress | None = None,
+                      record_source: bool = True) -> Manifest:
     """A quantized export made from an fp32 export folder `src` (no checkpoint, no torch): the same
     passes as `gemma-export --quant`, in seconds instead of a new torch export. Benchmarks and the
     quality tests derive their int8/int4 exports this way from one fp32 export."""
@@ -258,6 +309,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     if base.quant != "fp32":
         raise ExportError(f"{src} is a {base.quant} export: requantize from an fp32 export")
     check_out_folder(out)
+    recipe, importance, calibration = _calibrate(src, recipe, progress)
     with _staging_folder(out) as staging:
         graph = base.graphs["decoder"]
         tables = dict(base.tables)
@@ -267,13 +319,15 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         for name in base.files:
             if name not in derived:
                 shutil.copyfile(src / name, staging / name)
-        report = _quantize_decoder(staging, recipe, progress, source=src)
+        report = _quantize_decoder(staging, recipe, progress, source=src, importance=importance)
         if recipe.tables == "int8":
             tables = {k: quantize_table_file(staging, t, source=src) for k, t in tables.items()}
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = dict(base.provenance)
         provenance["min_onnxruntime"] = max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, key=_version_key)
-        provenance["quant_recipe"] = {**_recipe_record(recipe, report), "requantized_from": str(src)}
+        provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration}
+        if record_source:
+            provenance["quant_recipe"]["requantized_from"] = str(src)
         manifest = dataclasses.replace(base, quant=recipe.name, tables=tables, files=files, provenance=provenance)
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)

@@ -33,6 +33,7 @@ class ExportRequest:
     matformer_config: str | None = None  # ... of this table (default: the packaged one),
     ffn_dims: str | tuple[int, ...] | None = None  # or a custom slice
     skip_layers: str | tuple[int, ...] | None = None
+    text_only: bool = False  # Gemma3nForConditionalGeneration: skip the vision and audio encoders
 
 
 def _check_request(req: ExportRequest) -> None:
@@ -86,8 +87,17 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     return ExportPlan(
         variant=variant, tensors=tensors, aux_files=aux, source=source, source_hashes=hashes,
         quant=recipe.name, target=req.target, max_context=req.max_context, prefill_chunk=req.prefill_chunk,
-        recipe=recipe, matformer=matformer,
+        recipe=recipe, matformer=matformer, text_only=req.text_only,
+        encoders=_encoder_config(variant, config, req.text_only),
     )
+
+
+def _encoder_config(variant: Variant, config: dict, text_only: bool) -> dict | None:
+    """The config the encoders are built from, when this export writes them (a multimodal
+    checkpoint without --text-only)."""
+    if text_only or variant.architecture != "Gemma3nForConditionalGeneration":
+        return None
+    return config
 
 
 def contraction_dims(variant: Variant) -> dict[str, int]:

@@ -107,6 +107,69 @@ def test_scale_search_never_worse_than_round_to_nearest():
         assert searched <= rtn * 0.999
 
 
+@pytest.mark.parametrize("bits, symmetric, affine", [(4, False, True), (4, True, False), (4, False, False), (8, True, False)])
+def test_weighted_search_graph_computes_the_dequantized_weight(bits, symmetric, affine):
+    """With calibration importance the packed weight is still exactly what the graph multiplies by."""
+    rng = np.random.default_rng(7 + bits)
+    k, n = 200, 40  # a padded last block
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    imp = rng.exponential(size=k).astype(np.float32) ** 3
+    fmt = WeightFormat(bits=bits, block_size=32, symmetric=symmetric, affine=affine)
+    q = quantize_matmuls(_one_matmul(w), _mlp_recipe(fmt), TensorStore(), importance={"w": imp})
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = q.graph.node[0]
+    zp = inits[node.input[3]] if len(node.input) > 3 else None
+    w_deq = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, 32)
+    np.testing.assert_array_equal(blockwise.dequantize(blockwise.quantize(w, bits, 32, symmetric, True, affine, imp)), w_deq)
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    (y,) = _run(q, {"x": x})
+    np.testing.assert_allclose(y, x @ w_deq, rtol=1e-5, atol=1e-5 * np.abs(x @ w_deq).max())
+    # the weighting changed the choice: the weighted error is lower than the unweighted search's
+    plain = blockwise.dequantize(blockwise.quantize(w, bits, 32, symmetric, True, affine))
+    werr = lambda d: float((imp[:, None] * (w - d) ** 2).sum())  # noqa: E731
+    assert werr(w_deq) < werr(plain)
+
+
+def test_importance_changes_the_choice():
+    """A constructed block: channel 0 carries almost all activation energy. Unweighted, the search
+    spreads the error evenly; weighted, it fits channel 0 (nearly) exactly, at a cost elsewhere."""
+    rng = np.random.default_rng(3)
+    w = rng.uniform(-1, 1, size=(32, 8)).astype(np.float32)
+    w[0] = 0.37  # between grid points of the unweighted fit
+    imp = np.full(32, 1e-3, np.float32)
+    imp[0] = 1e3
+    for symmetric, affine in ((False, True), (True, False)):
+        plain = blockwise.dequantize(blockwise.quantize(w, 4, 32, symmetric, True, affine))
+        weighted = blockwise.dequantize(blockwise.quantize(w, 4, 32, symmetric, True, affine, importance=imp))
+        assert not np.array_equal(plain, weighted)
+        assert np.abs(weighted[0] - w[0]).sum() < np.abs(plain[0] - w[0]).sum()
+        # the plain search is better by its own (unweighted) measure, the weighted one by its own
+        assert ((w - plain) ** 2).sum() <= ((w - weighted) ** 2).sum()
+        werr = lambda d: float((imp[:, None] * (w - d) ** 2).sum())  # noqa: E731
+        assert werr(weighted) < werr(plain)
+    # weights of the padded rows are zero, the floor keeps unseen channels above zero
+    wts = blockwise.block_weights(np.r_[np.zeros(10), np.ones(10)].astype(np.float32), 20, 16)
+    assert wts.shape == (2, 16) and (wts[1, 4:] == 0).all() and (wts[0, :10] == blockwise.IMPORTANCE_FLOOR).all()
+    with pytest.raises(ValueError):
+        blockwise.block_weights(np.ones(5, np.float32), 20, 16)
+
+
+def test_calibration_statistics_are_mean_squares():
+    """passes/calibrate.py: the extra outputs are each weight MatMul's input, and the importance
+    is the mean over valid positions of x^2 per input channel (shared by weights on one input)."""
+    from gemma_export.passes import calibrate
+
+    stats = calibrate.InputStats()
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((1, 6, 4)).astype(np.float32), rng.standard_normal((1, 6, 4)).astype(np.float32)
+    calibrate.accumulate(stats, {"x": a}, 6)
+    calibrate.accumulate(stats, {"x": b}, 2)  # only the first 2 positions are valid
+    imp = calibrate.importance(stats, {"x": ["w1", "w2"]})
+    ref = (np.concatenate([a[0], b[0, :2]]).astype(np.float64) ** 2).mean(axis=0)
+    np.testing.assert_allclose(imp["w1"], ref, rtol=1e-6)
+    assert imp["w2"] is imp["w1"]
+
+
 def test_accuracy_level_4_stays_close():
     """int8 activations (accuracy_level 4) are not exact, but stay within a percent."""
     rng = np.random.default_rng(2)
@@ -289,3 +352,24 @@ def test_senseless_recipes_are_refused(tiny, tmp_path, capsys, args, words):
     assert rc == 2 and len(err) == 1 and err[0].startswith("gemma-export: error:"), err
     assert all(w in err[0] for w in words), err[0]
     assert not out.exists()
+
+
+def test_calibration_collects_every_weight_matmul_input(tiny, tmp_path):
+    """evaluate.collect_importance on a tiny fp32 export: an importance [K] for every weight MatMul,
+    one array per shared input (q/k/v, gate/up), all positive; requantizing with it is a calibrated
+    int4 (the tiny exports have no tokenizer, so the named recipe itself skips calibration and says so)."""
+    from gemma_export.evaluate import collect_importance
+    from gemma_export.passes import quantize_decoder_files, weight_matmuls
+
+    ref = tiny.export("gemma3_sw24")
+    ids = np.random.default_rng(4).integers(3, 300, size=90).tolist()  # > max_context: 2 segments
+    imp = collect_importance(ref, ids)
+    wms = weight_matmuls(onnx.load(str(ref / "decoder.onnx"), load_external_data=False))
+    assert set(imp) == {wm.weight for wm in wms}
+    for wm in wms:
+        assert imp[wm.weight].shape == (wm.shape[0],) and (imp[wm.weight] > 0).all()
+    report = quantize_decoder_files(tmp_path, "decoder.onnx", "decoder.data", make_recipe("int4"), source=ref, importance=imp)
+    assert {r.format.split("/")[0] for r in report} == {"int4", "int8"}
+    requantize_export(ref, tmp_path / "q", make_recipe("int4"))
+    record = json.loads((tmp_path / "q" / "manifest.json").read_text())["provenance"]["quant_recipe"]
+    assert record["calibration"] is None and "tokenizer" in record["calibration_skipped"]

@@ -1,10 +1,11 @@
 """Quality floors of the quantized Gemma 3 270M (the GGUF on PyPI) against its fp32 export.
 
 One fp32 export (~60 s), the int8/int4/fp16 exports derived from it by the same passes as
-`gemma-export --quant` (requantize_export, 10-25 s each), then one teacher-forced evaluation over
-2048 tokens of CPython's documentation text (pydoc_data.topics, from its first topic on). Nothing
-is calibrated on text, so no calibration text overlaps it. The floors sit a little below the
-figures measured when they were set (see the report in bench/quant_quality.py's docstring).
+`gemma-export --quant` (requantize_export, 10-60 s each), then one teacher-forced evaluation over
+2048 tokens of CPython's documentation text (pydoc_data.topics, from its first topic on). The int4
+recipe is calibrated (importance-weighted block search) on the LAST 2048 tokens of the same text
+(evaluate.calibration_ids; the text has ~112k tokens), which no evaluation here reaches. The floors
+sit a little below the figures measured when they were set.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from gemma_export.recipes import make_recipe
 
 TOKENS = 2048  # 4096 in bench/quant_quality.py; 2048 keeps this file near 3 minutes on 2 cores
 # recipe: (min top-1 agreement, max KL, max perplexity ratio). Measured on these 2048 tokens:
-# int8 98.05% / 0.00111 / 0.997, int4 79.8% / 0.159 / 1.140 (4096 tokens: int8 98.44% / 0.00095 /
-# 0.998, int4 81.1% / 0.160 / 1.155). int4 misses the issue's targets (90%, 1.05): see the report.
-FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.77, 0.18, 1.16)}
+# int8 98.05% / 0.00111 / 0.997, int4 91.50% / 0.0295 / 1.020 (4096 tokens: int8 98.44% / 0.00095 /
+# 0.998, int4 91.26% / 0.0314 / 1.021). Issue targets: int8 98% / 1.01, int4 90% / 1.05.
+FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.905, 0.036, 1.03)}
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
 
 
@@ -63,3 +64,17 @@ def test_fp16_greedy_matches_fp32(exports, prompt):
     ref, half = Model.load(exports["fp32"]), Model.load(exports["fp16"])
     ids = ref.encode(prompt)
     assert half.generate_ids(ids, 32) == ref.generate_ids(ids, 32)
+
+
+def test_int4_is_calibrated_on_text_eval_never_reads(exports):
+    """The int4 manifest records its calibration text: the tail of the docs text, far from the
+    first TOKENS (and the 4096 of gemma-export eval's default) that the evaluation scores."""
+    import json
+
+    from gemma_export.evaluate import DEFAULT_MAX_TOKENS, calibration_ids
+
+    record = json.loads((exports["int4"] / "manifest.json").read_text())["provenance"]["quant_recipe"]
+    assert record["calibration"] == "cpython-docs-tail" and "last 2048" in record["calibration_text"]
+    total = len(encode_text(exports["fp32"], cpython_docs_text()))
+    cal, _ = calibration_ids(exports["fp32"])
+    assert total - len(cal) >= 4 * max(TOKENS, DEFAULT_MAX_TOKENS)

@@ -102,7 +102,7 @@ def test_other_bad_arguments(out):
         model.generate("ab", temprature=0.5)
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         model.generate("ab", max_new_tokens=-1)
-    with pytest.raises(InvalidArgumentError, match="not supported by this runtime yet"):
+    with pytest.raises(InvalidArgumentError, match="images are not supported by this export"):
         model.generate("ab", images=["cat.png"])
     with pytest.raises(InvalidArgumentError, match="stop must be"):
         model.generate("ab", stop=[""])

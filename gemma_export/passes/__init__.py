@@ -4,6 +4,7 @@ write big tensors through a TensorStore (passes/store.py), composed by recipes (
 - matmuls.quantize_matmuls: weight MatMuls -> MatMulNBits (int4/int8, block-wise) or float16 storage
 - logits.all_positions_logits: the decoder with logits for every chunk position (evaluation)
 - blockwise: the numpy arithmetic of MatMulNBits (quantize, pack, dequantize)
+- calibrate: per-input-channel mean x^2 of every weight MatMul on calibration text (imatrix)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["TensorReport", "TensorStore", "quantize_decoder_files", "quantize_ma
 
 
 def quantize_decoder_files(folder: Path, graph_file: str, data_file: str, recipe: Recipe,
-                           progress=None, source: Path | None = None) -> list[TensorReport]:
+                           progress=None, source: Path | None = None, importance=None) -> list[TensorReport]:
     """Writes `graph_file` + `data_file` into `folder` under `recipe`, from the float pair in
     `source` (default: `folder` itself, rewritten), one weight at a time: the graph is loaded
     without its data, each weight is read from the old data file, quantized and appended to the
@@ -32,7 +33,7 @@ def quantize_decoder_files(folder: Path, graph_file: str, data_file: str, recipe
     partial = folder / f"{data_file}.partial"
     report: list[TensorReport] = []
     with TensorStore(base_dir=source, out_file=partial, location=data_file) as store:
-        model = quantize_matmuls(model, recipe, store, report, progress)
+        model = quantize_matmuls(model, recipe, store, report, progress, importance)
         model = relocate_initializers(model, store, store)
     os.replace(partial, folder / data_file)
     onnx.save_model(model, str(folder / graph_file))

@@ -19,8 +19,11 @@ Why not onnxruntime.quantization's MatMulNBitsQuantizer: it loads the whole mode
 quantizes node by node in place (no streaming of one tensor at a time from decoder.data), and its
 C++ kernel is plain round-to-nearest. Here the scale of each block is searched: candidates around
 the round-to-nearest scale, each refitted by least squares to its codes, the one with the least
-squared weight error kept (as llama.cpp's make_qx_quants does). The arithmetic is small enough to
-keep exact and testable against the graph.
+squared weight error kept (as llama.cpp's make_qx_quants does). With calibration statistics
+(`importance`, mean x^2 per input channel, passes/calibrate.py) the error and the least-squares fits
+are weighted by them, sum_k imp_k (w_k - w'_k)^2 (llama.cpp's imatrix): on Gemma 3 270M int4 that
+raised top-1 agreement from 80% to 89% (4096 tokens). The arithmetic is small enough to keep exact
+and testable against the graph.
 """
 
 from __future__ import annotations
@@ -61,14 +64,18 @@ def _codes(x: np.ndarray, inv_scale: np.ndarray, zp: np.ndarray, top: int) -> np
     return np.clip(np.rint(x * inv_scale[..., None]) + zp[..., None], 0, top)
 
 
-def _refit(x: np.ndarray, q: np.ndarray, zp: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Least-squares scale for fixed codes: argmin_s sum (x - s (q - zp))^2."""
+def _refit(x: np.ndarray, q: np.ndarray, zp: np.ndarray, fallback: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    """Weighted least-squares scale for fixed codes: argmin_s sum wts (x - s (q - zp))^2."""
     c = q - zp[..., None]
-    den = (c * c).sum(-1)
-    return np.where(den > 0, (x * c).sum(-1) / np.where(den > 0, den, 1), fallback)
+    den = (wts * c * c).sum(-1)
+    return np.where(den > 0, (wts * x * c).sum(-1) / np.where(den > 0, den, 1), fallback)
 
 
-def _quantize_symmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _err(x: np.ndarray, d: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    return (wts * (x - d) ** 2).sum(-1)
+
+
+def _quantize_symmetric(x: np.ndarray, bits: int, search: bool, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     half = 2 ** (bits - 1)
     top = 2 * half - 1
     # round-to-nearest: the value of largest magnitude maps to code 0 (= -half), keeping its sign in
@@ -82,14 +89,14 @@ def _quantize_symmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndar
     if not search:
         return q, np.where(scale != 0, scale, 0).astype(np.float32), zp
     best_q, best_s = q, scale
-    best_err = ((x - scale[..., None] * (q - zp[..., None])) ** 2).sum(-1)
+    best_err = _err(x, scale[..., None] * (q - zp[..., None]), wts)
     # the grid range: candidates, and (half - 1) / half, the classic absmax / (2^(bits-1) - 1) scale;
     # at 8 bits a step is fine enough that a wider search buys nothing measurable, at 4 it does
     factors = _SEARCH_FACTORS if bits == 4 else np.ones(1, np.float32)
     for f in (*factors, np.float32((half - 1) / half)):
         qc = _codes(x, 1 / (safe * f), zp, top)
-        sc = _refit(x, qc, zp, scale).astype(np.float32)
-        err = ((x - sc[..., None] * (qc - zp[..., None])) ** 2).sum(-1)
+        sc = _refit(x, qc, zp, scale, wts).astype(np.float32)
+        err = _err(x, sc[..., None] * (qc - zp[..., None]), wts)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, sc, best_s)
@@ -97,7 +104,7 @@ def _quantize_symmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndar
     return best_q, best_s.astype(np.float32), zp
 
 
-def _quantize_asymmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _quantize_asymmetric(x: np.ndarray, bits: int, search: bool, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top = 2**bits - 1
     lo, hi = x.min(-1), x.max(-1)
 
@@ -111,51 +118,85 @@ def _quantize_asymmetric(x: np.ndarray, bits: int, search: bool) -> tuple[np.nda
     if not search:
         return q, scale, zp
     best = (q, scale, zp)
-    best_err = ((x - scale[..., None] * (q - zp[..., None])) ** 2).sum(-1)
+    best_err = _err(x, scale[..., None] * (q - zp[..., None]), wts)
     for f in _SEARCH_FACTORS[_SEARCH_FACTORS <= 1]:  # shrink the range toward its midpoint
         mid = (lo + hi) / 2
         qc, _, zc = with_range(mid + (lo - mid) * f, mid + (hi - mid) * f)
-        sc = _refit(x, qc, zc, scale).astype(np.float32)
-        err = ((x - sc[..., None] * (qc - zc[..., None])) ** 2).sum(-1)
+        sc = _refit(x, qc, zc, scale, wts).astype(np.float32)
+        err = _err(x, sc[..., None] * (qc - zc[..., None]), wts)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = (np.where(better[..., None], qc, best[0]), np.where(better, sc, best[1]), np.where(better, zc, best[2]))
     return best[0], best[1].astype(np.float32), best[2]
 
 
-def _quantize_affine(x: np.ndarray, bits: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_affine(x: np.ndarray, q: np.ndarray, wts: np.ndarray, fallback_s: np.ndarray, fallback_b: np.ndarray):
+    """Weighted least squares (s, b) of x ~ s q + b for fixed codes."""
+    sw, swq, swqq = wts.sum(-1), (wts * q).sum(-1), (wts * q * q).sum(-1)
+    swx, swxq = (wts * x).sum(-1), (wts * x * q).sum(-1)
+    den = sw * swqq - swq * swq
+    ok = (den > 0) & (sw > 0)
+    sc = np.where(ok, (sw * swxq - swq * swx) / np.where(ok, den, 1), fallback_s)
+    b = np.where(ok, (swx - sc * swq) / np.where(sw > 0, sw, 1), fallback_b)
+    return np.where(sc != 0, sc, 1).astype(np.float32), b  # a constant block: q = 0, value = b
+
+
+def _quantize_affine(x: np.ndarray, bits: int, search: bool, wts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x ~ s q + b with float b: codes from the block's range (scaled by each candidate factor),
-    then (s, b) refitted by least squares to the codes; the best fit per block is kept."""
+    then (s, b) refitted by weighted least squares to the codes, the codes rounded again for the
+    refitted (s, b) and refitted once more; the best fit per block (weighted error) is kept."""
     top = 2**bits - 1
     lo, hi = x.min(-1), x.max(-1)
     span = np.where(hi > lo, hi - lo, 1).astype(np.float32)
-    m = x.shape[-1]
     best = None
     for f in (_SEARCH_FACTORS if search else np.ones(1, np.float32)):
         inv = (top * f / span).astype(np.float32)
         q = np.clip(np.rint((x - lo[..., None]) * inv[..., None]), 0, top)
-        sq, sqq = q.sum(-1), (q * q).sum(-1)
-        sx, sxq = x.sum(-1), (x * q).sum(-1)
-        den = m * sqq - sq * sq
-        ok = den > 0
-        sc = np.where(ok, (m * sxq - sq * sx) / np.where(ok, den, 1), 1 / inv)
-        b = np.where(ok, (sx - sc * sq) / m, lo)
-        sc = np.where(sc != 0, sc, 1).astype(np.float32)  # a constant block: q = 0, value = b
-        err = ((x - (sc[..., None] * q + b[..., None])) ** 2).sum(-1)
-        if best is None:
-            best = [err, q, sc, b]
-        else:
-            better = err < best[0]
-            best = [np.where(better, err, best[0]), np.where(better[..., None], q, best[1]),
-                    np.where(better, sc, best[2]), np.where(better, b, best[3])]
+        sc, b = _fit_affine(x, q, wts, 1 / inv, lo)
+        cands = [(q, sc, b)]
+        if search:  # one alternating step: codes for the fitted (s, b), then (s, b) for them
+            q2 = np.clip(np.rint((x - b[..., None]) / sc[..., None]), 0, top)
+            cands.append((q2, *_fit_affine(x, q2, wts, sc, b)))
+        for qc, sc, b in cands:
+            err = _err(x, sc[..., None] * qc + b[..., None], wts)
+            if best is None:
+                best = [err, qc, sc, b]
+            else:
+                better = err < best[0]
+                best = [np.where(better, err, best[0]), np.where(better[..., None], qc, best[1]),
+                        np.where(better, sc, best[2]), np.where(better, b, best[3])]
     _, q, sc, b = best
-    return q, sc.astype(np.float32), (-b / sc).astype(np.float32)
+    sc = sc.astype(np.float32)
+    return q, sc, (-b / sc).astype(np.float32)
+
+
+def block_weights(importance: np.ndarray | None, k: int, block: int) -> np.ndarray:
+    """Per-element weights [n_blocks, block] of the block search from an importance [K] (mean x^2
+    of the input channel): padded rows get 0 (the kernel never reads them); None: all ones."""
+    n_blocks = -(-k // block)
+    if importance is None:
+        return np.ones((n_blocks, block), dtype=np.float32)
+    imp = np.asarray(importance, dtype=np.float32)
+    if imp.shape != (k,):
+        raise ValueError(f"importance of shape {imp.shape} for a weight with K = {k}")
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance must be finite and non-negative")
+    mean = float(imp.mean())
+    imp = imp / mean if mean > 0 else np.ones_like(imp)
+    # a floor keeps channels never seen in calibration from being ignored entirely
+    imp = np.maximum(imp, IMPORTANCE_FLOOR).astype(np.float32)
+    return np.concatenate([imp, np.zeros(n_blocks * block - k, np.float32)]).reshape(n_blocks, block)
+
+
+IMPORTANCE_FLOOR = 1e-3
 
 
 def quantize(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = True, search: bool = True,
-             affine: bool = False) -> BlockCodes:
+             affine: bool = False, importance: np.ndarray | None = None) -> BlockCodes:
     """Codes, scales and zero points of W [K, N], a step of columns at a time. `affine` (only
-    with symmetric=False): float zero points."""
+    with symmetric=False): float zero points. `importance` [K] (mean x^2 of each input channel on
+    calibration text): the search minimizes sum_k imp_k (w_k - w'_k)^2 per block instead of the
+    plain squared error (llama.cpp's imatrix); it changes nothing without `search`."""
     if bits not in (4, 8):
         raise ValueError(f"MatMulNBits here takes 4 or 8 bits, not {bits}")
     k, n = w_kn.shape
@@ -164,11 +205,12 @@ def quantize(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = Tru
     scales = np.empty((n, n_blocks), dtype=np.float32)
     zps = np.empty((n, n_blocks), dtype=np.float32 if affine else np.uint8)
     fn = _quantize_symmetric if symmetric else _quantize_affine if affine else _quantize_asymmetric
+    wts = block_weights(importance, k, block_size)[None]
     err2 = norm2 = 0.0
     for start in range(0, n, _COLUMNS_PER_STEP):
         stop = min(n, start + _COLUMNS_PER_STEP)
         x = _blocks(w_kn[:, start:stop], block_size)
-        q, s, z = fn(x, bits, search)
+        q, s, z = fn(x, bits, search, wts)
         codes[start:stop], scales[start:stop], zps[start:stop] = q, s, z
         d = ((q - z[..., None]) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
         xk = x.reshape(x.shape[0], -1)[:, :k]

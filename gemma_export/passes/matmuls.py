@@ -112,17 +112,19 @@ def _format_name(fmt) -> str:
 
 
 def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
-                     report: list[TensorReport] | None = None, progress=None) -> onnx.ModelProto:
+                     report: list[TensorReport] | None = None, progress=None,
+                     importance: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A new model in which every weight MatMul whose class the recipe quantizes is a MatMulNBits
     (bits 4/8) or a MatMul of a float16 weight cast to float32 (bits 16). `model` is not changed;
-    weights are read and written one at a time through `store`."""
+    weights are read and written one at a time through `store`. `importance`: weight initializer
+    name -> mean x^2 per input channel (passes/calibrate.py), weighting the block search."""
     out = _copy(model)
     graph = out.graph
     inits = {t.name: t for t in graph.initializer}
     replaced: dict[str, list[onnx.TensorProto]] = {}  # old weight -> new initializers
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
     for wm in weight_matmuls(out):
-        fmt = recipe.format_for(wm.tensor_class)
+        fmt = recipe.format_for(wm.tensor_class, wm.module)
         if fmt is None:
             continue
         w = store.read(inits[wm.weight])
@@ -142,7 +144,10 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 new_nodes[i] = ([cast] if n == 0 else []) + [node]
             # the Cast must come before every consumer: put it before the first one (nodes are sorted)
         else:
-            codes = blockwise.quantize(w, fmt.bits, fmt.block_size, fmt.symmetric, fmt.scale_search, fmt.affine)
+            imp = None if importance is None else importance.get(wm.weight)
+            if importance is not None and imp is None:
+                raise ValueError(f"{wm.module}: no calibration statistics for weight {wm.weight}")
+            codes = blockwise.quantize(w, fmt.bits, fmt.block_size, fmt.symmetric, fmt.scale_search, fmt.affine, imp)
             err = codes.rel_error
             b, scales, zp = blockwise.pack(codes)
             del codes

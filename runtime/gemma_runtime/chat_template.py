@@ -7,7 +7,9 @@ to the first user turn, BOS at the start. Rendering runs in jinja2's sandbox wit
 Hugging Face templates use (raise_exception, strftime_now, bos_token, eos_token, ...).
 
 Messages: {"role": "system"|"user"|"assistant", "content": str | [parts]}, parts
-{"type": "text", "text": ...}; image and audio parts are not supported by this runtime yet.
+{"type": "text", "text": ...}, {"type": "image", "image": ...}, {"type": "audio", "audio": ...}
+(image/audio only on exports with those encoders; the template writes one soft token per part,
+which Model expands into the processor's placeholder run, multimodal.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ GEMMA_TEMPLATE = (
     "{{ message['content'] | trim }}"
     "{%- elif message['content'] is iterable -%}"
     "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- if item['type'] == 'image' -%}{{ image_token or '<start_of_image>' }}"
+    "{%- elif item['type'] == 'audio' -%}{{ audio_token }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -80,8 +83,9 @@ def read_template(folder: Path) -> tuple[str, str]:
     return GEMMA_TEMPLATE, "Gemma's standard template (the checkpoint has none)"
 
 
-def check_messages(messages: Sequence[Mapping]) -> list[dict]:
-    """Validate the message format; text parts only (image/audio: a clear error for now)."""
+def check_messages(messages: Sequence[Mapping], media: Sequence[str] = ()) -> list[dict]:
+    """Validate the message format; image/audio parts only where `media` names their kind
+    (the export has that encoder), else a clear error."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise InvalidArgumentError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -99,9 +103,13 @@ def check_messages(messages: Sequence[Mapping]) -> list[dict]:
         for part in content:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind in ("image", "audio"):
+                if kind in media:
+                    if kind not in part:
+                        raise InvalidArgumentError(f"message {i}: an {kind} part must be {{'type': '{kind}', '{kind}': ...}}")
+                    continue
                 raise UnsupportedContentError(
-                    f"message {i} has an {kind} part: images and audio are not supported by this runtime yet "
-                    f"(text only)"
+                    f"message {i} has an {kind} part: {kind}s are not supported by this export "
+                    f"(it has no {'vision' if kind == 'image' else 'audio'} graph: a text model, or exported with --text-only)"
                 )
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise InvalidArgumentError(f"message {i}: a part must be {{'type': 'text', 'text': str}}, got {part!r}")
@@ -125,10 +133,11 @@ class ChatTemplate:
         except TemplateError as err:
             raise ChatTemplateError(f"the chat template ({origin}) does not parse: {err}") from err
 
-    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True,
+               media: Sequence[str] = ()) -> str:
         from jinja2 import TemplateError
 
-        messages = check_messages(messages)
+        messages = check_messages(messages, media)
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          **self._special)

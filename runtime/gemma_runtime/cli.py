@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="prompt text (raw: BOS added, no chat template); with --chat, the first user turn")
     p.add_argument("--chat", action="store_true", help="interactive chat on stdin/stdout with the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message for --chat")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image file (repeatable; Gemma 3n exports with encoders): the prompt then goes through the "
+                   "chat template as one user turn with the images and audio before its text")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="audio file, up to 30 s (repeatable; as --image)")
     p.add_argument("--max-new-tokens", type=_positive, default=None, metavar="N",
                    help="default: generation_config.json's max_new_tokens, else 128")
     s = p.add_argument_group("sampling (default: the export's generation_config.json; temperature 0 = greedy)")
@@ -77,9 +82,19 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _media_parts(args) -> list[dict]:
+    return ([{"type": "image", "image": p} for p in args.image] + [{"type": "audio", "audio": p} for p in args.audio])
+
+
 def _complete(model: Model, args, sampling: dict) -> None:
-    for piece in model.generate(args.prompt, max_new_tokens=args.max_new_tokens, stream=True, stop=args.stop,
-                                **sampling):
+    if args.image or args.audio:
+        content = [*_media_parts(args), {"type": "text", "text": args.prompt}]
+        pieces = model.chat([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens,
+                            stream=True, stop=args.stop, **sampling)
+    else:
+        pieces = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, stream=True, stop=args.stop,
+                                **sampling)
+    for piece in pieces:
         _write(piece)
     _write("\n")
     if args.stats and model.last_stats is not None:
@@ -112,7 +127,8 @@ def _chat(model: Model, args, sampling: dict) -> None:
             continue
         if not text:
             continue
-        turn = [*history, {"role": "user", "content": text}]
+        content = text if history or not (args.image or args.audio) else [*_media_parts(args), {"type": "text", "text": text}]
+        turn = [*history, {"role": "user", "content": content}]
         try:
             pieces = model.chat(system + turn, max_new_tokens=args.max_new_tokens, stream=True, stop=args.stop,
                                 **sampling)
@@ -130,7 +146,8 @@ def _chat(model: Model, args, sampling: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # intermixed: `gemma-run OUT --image cat.jpg "prompt"` (the prompt after the options)
+    args = parser.parse_intermixed_args(argv)
     if args.prompt is None and not args.chat:
         parser.error("PROMPT is required (or --chat)")
     try:

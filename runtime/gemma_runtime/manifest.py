@@ -97,8 +97,12 @@ class TokenIds:
     eos: int | None
     pad: int | None
     stop: tuple[int, ...]  # generation stops on any of these (generation_config.json's eos list)
-    image: int | None = None
-    audio: int | None = None
+    image: int | None = None  # the image soft-token placeholder id (Gemma 3n: <image_soft_token>)
+    audio: int | None = None  # the audio soft-token placeholder id (<audio_soft_token>)
+    boi: int | None = None  # begin/end of image, begin/end of audio (multimodal exports; older
+    eoi: int | None = None  # manifests lack them)
+    boa: int | None = None
+    eoa: int | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .generation_config import GenerationDefaults, read_generation_defaults
 from .integrity import verify_files
 from .kv_cache import KVCache
 from .manifest import Manifest, ManifestError, read_manifest
+from .multimodal import MediaEncoders, as_list, collect_media, expand_placeholders
 from .prompt_cache import PromptCache
 from .providers import resolve_provider
 from .sampling import Sampler, SamplingConfig, greedy
@@ -44,7 +45,7 @@ KV_LAYOUT = "past_and_new_blocks"
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.
-_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
 # Why a generation ended (GenerationStats.stop_reason).
 STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_FULL, ABANDONED = (
     "stop_token", "stop_string", "max_new_tokens", "context_full", "abandoned")
@@ -81,12 +82,18 @@ class Model:
     KV reuse: the model remembers which ids its cache holds. A call with reuse_cache=True
     (the default of `chat`) keeps the rows of the longest prefix it can keep exactly (see
     prompt_cache.py) and prefills only the rest; `last_stats.reused_tokens` says how many.
-    `generate` and `generate_ids` prefill from scratch unless reuse_cache=True.
+    `generate` and `generate_ids` prefill from scratch unless reuse_cache=True. A call with images
+    or audio never reuses rows and leaves nothing to reuse (the same placeholder ids stand for
+    different pictures and sounds), so the call after it prefills from scratch.
+
+    Images and audio (Gemma 3n exports with vision.onnx/audio.onnx): the encoder sessions are
+    created on the first call that needs them, so text-only use never pays their memory.
     """
 
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
                  embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
-                 defaults: GenerationDefaults | None = None, session_source: str = "graph"):
+                 defaults: GenerationDefaults | None = None, session_source: str = "graph",
+                 threads: int | None = None):
         # Use Model.load: it checks the folder before anything is built.
         self.folder = folder
         self.manifest = manifest
@@ -104,6 +111,8 @@ class Model:
         self._tokenizer = None
         self._template: ChatTemplate | None = None
         self._generation = 0  # bumped per call, so a stale stream cannot use a reset cache
+        self._media = MediaEncoders(folder, manifest, provider, threads)
+        self._cache_has_media = False  # the cached rows came from a call with images/audio
         embeds = next((t for t in manifest.graphs["decoder"].inputs if t.name == "inputs_embeds"), None)
         self._symbolic_chunk = embeds is not None and len(embeds.shape) == 3 and isinstance(embeds.shape[1], str)
 
@@ -137,7 +146,7 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
-        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source)
+        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next call prefills from scratch."""
@@ -164,7 +173,6 @@ class Model:
         """The raw completion of `prompt` (BOS added, no chat template; without the stop
         token's text, cut before the first stop string), or with stream=True an iterator of
         text pieces that never split a character. Sampling defaults: generation_config.json."""
-        _no_media(images, audio)
         if not isinstance(prompt, str):
             raise InvalidArgumentError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt:
@@ -173,21 +181,33 @@ class Model:
                 "generate_ids([bos]))"
             )
         config = self.defaults.sampling.override(**sampling)
-        return self._text(self.encode(prompt), max_new_tokens, stream, stop, config, reuse_cache)
+        images, audio = as_list(images, "image"), as_list(audio, "audio")
+        if images or audio:  # the prompt's soft tokens become the processor's full placeholder runs
+            ids = list(self._get_tokenizer().encode(self._expand(prompt, images, audio), add_special_tokens=False).ids)
+            bos = self.manifest.tokens.bos
+            if bos is not None and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+        else:
+            ids = self.encode(prompt)
+        return self._text(ids, max_new_tokens, stream, stop, config, reuse_cache, images, audio)
 
     def chat(self, messages: Sequence[Mapping], max_new_tokens: int | None = None, stream: bool = False,
              *, stop: str | Sequence[str] | None = None, reuse_cache: bool = True, **sampling):
         """The model's answer to a conversation ([{"role": "system"|"user"|"assistant",
         "content": str | [{"type": "text", "text": ...}]}], rendered with the checkpoint's
-        chat template): a str, or with stream=True an iterator of text pieces.
+        chat template): a str, or with stream=True an iterator of text pieces. Parts
+        {"type": "image", "image": path | PIL.Image} and {"type": "audio", "audio": path |
+        (array, sample_rate)} work on exports with encoders: each becomes the processor's
+        placeholder run (boi + 256 image tokens + eoi, boa + 188 audio tokens + eoa).
 
         The cache of the previous call is reused where the new prompt extends it exactly
         (last_stats.reused_tokens). A conversation longer than the context (max_context) is a
         ContextLengthError naming the limit: nothing is dropped silently; the caller decides
         which turns to drop (the CLI asks the user to /reset)."""
         ids = self.chat_ids(messages)
+        images, audio = collect_media(messages)
         config = self.defaults.sampling.override(**sampling)
-        return self._text(ids, max_new_tokens, stream, stop, config, reuse_cache)
+        return self._text(ids, max_new_tokens, stream, stop, config, reuse_cache, images, audio)
 
     def render_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
         """The prompt text of a conversation (the chat template's output)."""
@@ -198,18 +218,37 @@ class Model:
             source, origin = read_template(self.folder)
             self._template = ChatTemplate(source, origin, {
                 "bos_token": name(t.bos) or "", "eos_token": name(t.eos) or "", "pad_token": name(t.pad),
+                "image_token": name(t.image) or "", "audio_token": name(t.audio) or "",
             })
-        return self._template.render(messages, add_generation_prompt)
+        media = tuple(k for k in ("image", "audio") if self._media.has(k))
+        return self._template.render(messages, add_generation_prompt, media=media)
 
     def chat_ids(self, messages: Sequence[Mapping]) -> list[int]:
         """Prompt ids of a conversation: the rendered template, tokenized without adding
         special tokens (the template writes BOS itself)."""
         text = self.render_chat(messages)
+        images, audio = collect_media(messages)
+        if images or audio:
+            text = self._expand(text, images, audio)
         return list(self._get_tokenizer().encode(text, add_special_tokens=False).ids)
 
-    def _text(self, ids, max_new_tokens, stream, stop, config, reuse_cache):
+    def _expand(self, text: str, images: list, audio: list) -> str:
+        """Gemma3nProcessor's placeholder expansion of the image/audio soft tokens in `text`."""
+        for kind, items in (("image", images), ("audio", audio)):
+            if items and not self._media.has(kind):
+                raise UnsupportedContentError(
+                    f"{kind}s are not supported by this export: it has no {'vision' if kind == 'image' else 'audio'} "
+                    f"graph (a text model, or exported with --text-only)")
+        tok = self._get_tokenizer()
+        t = self.manifest.tokens
+        names = {k: (tok.id_to_token(getattr(t, k)) if getattr(t, k) is not None else None)
+                 for k in ("image", "audio", "boi", "eoi", "boa", "eoa")}
+        counts = {k: self._media.soft_tokens(k) for k in ("image", "audio") if self._media.has(k)}
+        return expand_placeholders(text, names, counts)
+
+    def _text(self, ids, max_new_tokens, stream, stop, config, reuse_cache, images=(), audio=()):
         stops = check_stop_strings(stop)
-        tokens = self._generate(ids, max_new_tokens, config, reuse_cache)  # checks the prompt now
+        tokens = self._generate(ids, max_new_tokens, config, reuse_cache, images, audio)  # checks the prompt now
         pieces = self._stream(tokens, stops)
         return pieces if stream else "".join(pieces)
 
@@ -252,13 +291,22 @@ class Model:
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int | None = None, images=None,
                      audio=None, *, reuse_cache: bool = False, **sampling) -> list[int]:
         """New ids for `prompt_ids`, ending with the stop token when one was generated.
-        Greedy unless sampling arguments (temperature, top_k, ...) are given."""
-        _no_media(images, audio)
+        Greedy unless sampling arguments (temperature, top_k, ...) are given. images (paths or
+        PIL images) and audio (paths or (array, sample_rate)) fill the prompt's placeholder runs
+        in order: one run of image ids per image, of audio ids per clip, as the processor writes
+        them; a count that differs is a MediaError."""
         config = SamplingConfig().override(**sampling)
-        return list(self._generate(prompt_ids, max_new_tokens, config, reuse_cache))
+        return list(self._generate(prompt_ids, max_new_tokens, config, reuse_cache,
+                                   as_list(images, "image"), as_list(audio, "audio")))
+
+    @property
+    def loaded_encoders(self) -> tuple[str, ...]:
+        """The encoder graphs with a session so far ("vision", "audio")."""
+        return self._media.loaded
 
     def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int | None,
-                  config: SamplingConfig = SamplingConfig(), reuse_cache: bool = False) -> Iterator[int]:
+                  config: SamplingConfig = SamplingConfig(), reuse_cache: bool = False,
+                  images: Sequence = (), audio: Sequence = ()) -> Iterator[int]:
         ids = np.asarray(list(prompt_ids), dtype=np.int64)
         limit = self.manifest.max_context
         if ids.ndim != 1 or ids.size == 0 or ids.size >= limit:
@@ -274,11 +322,12 @@ class Model:
         if ids.min() < 0 or ids.max() >= vocab_rows:
             raise InvalidArgumentError(
                 f"prompt ids must lie in [0, {vocab_rows}), got {int(ids.min())}..{int(ids.max())}")
+        soft = self._media.soft_rows(ids, list(images), list(audio))  # runs the encoders (checked first)
         self._generation += 1
-        return self._run_generation(ids, int(max_new_tokens), self._generation, config, reuse_cache)
+        return self._run_generation(ids, int(max_new_tokens), self._generation, config, reuse_cache, soft)
 
     def _run_generation(self, ids: np.ndarray, max_new_tokens: int, generation: int,
-                        config: SamplingConfig, reuse_cache: bool) -> Iterator[int]:
+                        config: SamplingConfig, reuse_cache: bool, soft=None) -> Iterator[int]:
         start = time.perf_counter()
         n = int(ids.size)
         prefill_s = decode_s = 0.0
@@ -293,14 +342,17 @@ class Model:
                 reason = MAX_NEW_TOKENS
                 return
             try:
-                reused = cache.plan(ids.tolist()) if reuse_cache else 0
+                if self._cache_has_media or soft is not None:
+                    cache.invalidate()  # placeholder ids do not say which image/clip made the rows
+                    self._cache_has_media = soft is not None
+                reused = cache.plan(ids.tolist()) if reuse_cache and soft is None else 0
                 cache.prepare(ids.tolist(), reused)
                 chunk = self.manifest.prefill_chunk
                 for first in range(reused, n, chunk):
                     # A symbolic chunk dimension runs the last, short chunk unpadded (a small
                     # new turn after a reused cache costs its own length, not a whole chunk).
                     size = min(chunk, n - first) if self._symbolic_chunk else chunk
-                    logits = self._forward(ids[first : first + chunk], first, size)
+                    logits = self._forward(ids[first : first + chunk], first, size, soft)
                     cache.fed(ids[first : first + chunk])
                 cache.mark()
             except BaseException:
@@ -347,12 +399,16 @@ class Model:
         self._prompt_cache.invalidate()
         return self._forward(ids, position, chunk)
 
-    def _forward(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, position: int, chunk: int, soft=None) -> np.ndarray:
         valid = int(ids.size)
         hidden = self.manifest.hidden_size
         # Padding rows are zeros: finite, and the graph masks them by `valid`.
         embeds = np.zeros((1, chunk, hidden), dtype=np.float32)
         embeds[0, :valid] = self._embed.lookup(ids)
+        if soft is not None:  # encoder outputs at the placeholder positions of this chunk
+            positions, rows = soft
+            here = (positions >= position) & (positions < position + valid)
+            embeds[0, positions[here] - position] = rows[here]
         feeds = {
             "inputs_embeds": embeds,
             "position": np.array([position], dtype=np.int64),
@@ -368,11 +424,6 @@ class Model:
         for index in range(len(self._cache.specs)):
             self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
         return logits
-
-
-def _no_media(images, audio) -> None:
-    if images or audio:
-        raise UnsupportedContentError("images and audio are not supported by this runtime yet (text only)")
 
 
 # ---- load-time checks ------------------------------------------------------------------------
@@ -410,8 +461,7 @@ def _check_manifest(m: Manifest) -> None:
                 f"global cache of layer {spec.layer} holds {spec.length} positions, fewer than max_context {m.max_context}"
             )
     # Every file the runtime opens must carry a checksum, or verification would be a gap.
-    graph = m.graphs["decoder"]
-    needed = [graph.file, graph.data_file, *(t.file for t in m.tables.values())]
+    needed = [f for g in m.graphs.values() for f in (g.file, g.data_file)] + [t.file for t in m.tables.values()]
     unlisted = sorted({f for f in needed if f and f not in m.files})
     if unlisted:
         raise IntegrityError(f"manifest lists no sha256 for {', '.join(unlisted)}: re-export the model")

@@ -1,0 +1,97 @@
+"""The vision and audio encoders of a Gemma3nForConditionalGeneration checkpoint, written into the
+export folder beside the decoder (package.write_export calls write_encoders):
+
+    vision.onnx + vision.data   pixel_values [1,3,S,S] -> soft_embeddings [1,256,H]   (vision_graph.py)
+    audio.onnx + audio.data     input_features [1,F,128] + input_features_mask [1,F] bool
+                                -> audio_embeds [1,188,H]                            (audio_graph.py)
+
+and the hard-token rows of embed_tokens.bin: every id of the vision vocabulary
+[vision vocab_offset, + vocab_size) and of the audio vocabulary goes through its embedder's hard
+path (embedding -> hard norm -> projection -> post-projection norm), UNSCALED: the eager
+Gemma3nModel.forward replaces inputs_embeds at those ids with embed_vision/embed_audio(input_ids)
+directly (no sqrt(H) factor), so the runtime's one table lookup gives the eager rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gemma_runtime.manifest import GraphSpec, TensorSpec
+
+from .graphs import save_with_external_data
+from .progress import Progress
+from .weights import TensorSource
+
+VISION_GRAPH, VISION_DATA = "vision.onnx", "vision.data"
+AUDIO_GRAPH, AUDIO_DATA = "audio.onnx", "audio.data"
+
+
+def multimodal_token_ids(config: dict) -> dict[str, int | None]:
+    """image/audio placeholder ids and begin/end ids from a Gemma3nConfig config.json."""
+    keys = {"image": "image_token_id", "audio": "audio_token_id", "boi": "boi_token_id",
+            "eoi": "eoi_token_id", "boa": "boa_token_id", "eoa": "eoa_token_id"}
+    return {k: (int(config[v]) if config.get(v) is not None else None) for k, v in keys.items()}
+
+
+def _image_size(aux_files: dict[str, Path]) -> int:
+    path = aux_files.get("preprocessor_config.json")
+    if path is None:
+        return 768
+    size = json.loads(Path(path).read_text(encoding="utf-8")).get("size") or {}
+    height, width = size.get("height", 768), size.get("width", 768)
+    if height != width:
+        from .model.vision import VisionConfigError
+
+        raise VisionConfigError(f"preprocessor_config.json sets a {height}x{width} image; the vision graph is square")
+    return int(height)
+
+
+def _hard_rows(embedding: torch.Tensor, hard_norm, projection: torch.Tensor, post_norm) -> np.ndarray:
+    with torch.no_grad():
+        return post_norm(hard_norm(embedding.float()) @ projection.float().t()).numpy().astype(np.float32)
+
+
+def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Path], folder: Path,
+                   progress: Progress) -> tuple[dict[str, GraphSpec], dict[int, np.ndarray]]:
+    """Writes the two encoder graphs into `folder`; returns (graph specs, embed_tokens overrides:
+    first row -> hard-path rows)."""
+    from .audio_graph import INPUT_NAMES, OUTPUT_NAMES, export_audio
+    from .model.audio import audio_spec_from_config, load_audio_encoder
+    from .model.vision import vision_spec_from_config
+    from .vision_graph import INPUT, OUTPUT, write_vision
+    from .vision_weights import hard_token_rows, load_vision
+
+    graphs, overrides = {}, {}
+    vspec = vision_spec_from_config(config, image_size=_image_size(aux_files))
+    with progress.step("loading the vision tower"):
+        vision = load_vision(vspec, tensors)
+    with progress.step(f"exporting {VISION_GRAPH} + {VISION_DATA} (torch.onnx, dynamo)"):
+        write_vision(vision, folder)
+        del vision
+    vision_offset = int(config["vision_config"].get("vocab_offset", 262_144))
+    overrides[vision_offset] = hard_token_rows(vspec, tensors).numpy().astype(np.float32)
+    graphs["vision"] = GraphSpec(
+        file=VISION_GRAPH, data_file=VISION_DATA,
+        inputs=(TensorSpec(INPUT, "float32", vspec.input_shape),),
+        outputs=(TensorSpec(OUTPUT, "float32", vspec.output_shape),))
+
+    aspec = audio_spec_from_config(config)
+    with progress.step("loading the audio tower"):
+        audio = load_audio_encoder(aspec, tensors)
+    with progress.step(f"exporting {AUDIO_GRAPH} + {AUDIO_DATA} (torch.onnx, dynamo)"):
+        save_with_external_data(export_audio(audio), folder, AUDIO_GRAPH, AUDIO_DATA)
+    e = audio.embedder
+    audio_offset = int(config["audio_config"].get("vocab_offset", 262_272))
+    overrides[audio_offset] = _hard_rows(e.embedding.weight, e.hard_embedding_norm, e.embedding_projection.weight,
+                                         e.embedding_post_projection_norm)
+    del audio
+    graphs["audio"] = GraphSpec(
+        file=AUDIO_GRAPH, data_file=AUDIO_DATA,
+        inputs=(TensorSpec(INPUT_NAMES[0], "float32", aspec.input_shape),
+                TensorSpec(INPUT_NAMES[1], "bool", (1, aspec.num_frames))),
+        outputs=(TensorSpec(OUTPUT_NAMES[0], "float32", aspec.output_shape),))
+    return graphs, overrides

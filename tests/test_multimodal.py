@@ -1,0 +1,300 @@
+"""Images and audio end to end: a Gemma3nForConditionalGeneration checkpoint (tiny text and audio
+configs; the vision tower full-size, mobilenetv5_300m_enc having no smaller variant, with seeded
+random weights whose layer scales make every block matter) saved with save_pretrained, exported
+once with both encoders, run by the runtime, and compared with the eager model's greedy tokens.
+
+The checkpoint has no tokenizer, so prompts are built by hand as Gemma3nProcessor writes them:
+"\\n\\n" boi + 256 image ids + eoi "\\n\\n", "\\n\\n" boa + 188 audio ids + eoa "\\n\\n" (here the
+text ids stand in for the "\\n\\n" pieces). Its vocabulary is laid out like the released one,
+scaled down: text [0, 256), vision [256, 384), audio [384, 512).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import BOS, EOS, PAD, randomize
+
+TEXT_VOCAB, VISION_OFFSET, AUDIO_OFFSET, VOCAB = 256, 256, 384, 512
+BOI, BOA, EOI, IMAGE, EOA, AUDIO = 251, 252, 256, 257, 384, 385
+NEW_TOKENS = 16
+MAX_CONTEXT, PREFILL_CHUNK = 640, 64
+NL = 108  # a text id standing in for "\n\n"
+
+
+def _config():
+    from transformers import Gemma3nConfig
+
+    s, f = "sliding_attention", "full_attention"
+    text = dict(vocab_size=VOCAB, vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=64, num_attention_heads=4,
+                head_dim=16, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=1024,
+                hidden_size_per_layer_input=8, intermediate_size=96, num_hidden_layers=4, num_key_value_heads=2,
+                sliding_window=8, layer_types=[s, f, s, f], num_kv_shared_layers=2, laurel_rank=8,
+                activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
+    audio = dict(hidden_size=32, conf_num_hidden_layers=2, conf_num_attention_heads=4, sscp_conv_channel_size=[8, 4],
+                 vocab_size=128, vocab_offset=AUDIO_OFFSET)
+    vision = dict(vocab_size=128, vocab_offset=VISION_OFFSET)
+    return Gemma3nConfig(text_config=text, audio_config=audio, vision_config=vision, boi_token_id=BOI, eoi_token_id=EOI,
+                         image_token_id=IMAGE, boa_token_id=BOA, eoa_token_id=EOA, audio_token_id=AUDIO)
+
+
+def _build_model():
+    from transformers import Gemma3nForConditionalGeneration
+
+    from gemma_export.model.vision import vision_spec_from_config
+    from gemma_export.vision_weights import RandomVisionTensors
+
+    config = _config()
+    torch.manual_seed(0)
+    config.text_config._attn_implementation = "eager"
+    model = Gemma3nForConditionalGeneration(config).eval()
+    randomize(model.model.language_model, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in list(model.model.audio_tower.parameters()) + list(model.model.embed_audio.parameters()):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    raw = config.to_dict()
+    vision = RandomVisionTensors(vision_spec_from_config(raw), seed=3, vocab_size=128)
+    for module, prefix in ((model.model.vision_tower, "model.vision_tower."), (model.model.embed_vision, "model.embed_vision.")):
+        state = {n[len(prefix):]: vision.get(n) for n in vision.names() if n.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+    return model
+
+
+SPECIAL = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", 105: "<start_of_turn>", 106: "<end_of_turn>", NL: "\n\n",
+           BOI: "<start_of_image>", BOA: "<start_of_audio>", EOI: "<end_of_image>", IMAGE: "<image_soft_token>",
+           EOA: "<end_of_audio>", AUDIO: "<audio_soft_token>"}
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary: the Gemma special tokens at their ids
+    (as added tokens, matched first), every other id a word "wN"."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {SPECIAL.get(i, f"w{i}"): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL.values()])
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(eager model, export folder, seconds to build/save, seconds to export)."""
+    from gemma_export.cli import main
+
+    root = tmp_path_factory.mktemp("multimodal")
+    t = time.perf_counter()
+    model = _build_model()
+    ckpt = root / "checkpoint"
+    model.save_pretrained(ckpt)
+    (ckpt / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessorFast", "do_convert_rgb": None, "do_normalize": False,
+        "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 768, "width": 768}}))
+    _write_tokenizer(ckpt / "tokenizer.json")
+    built_s = time.perf_counter() - t
+    t = time.perf_counter()
+    out = root / "out"
+    assert main(["--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK),
+                 "--quiet", str(out)]) == 0
+    return model, out, built_s, time.perf_counter() - t
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("media")
+    y, x = np.mgrid[0:300, 0:400]
+    rng = np.random.default_rng(1)
+    rgb = np.stack([x * 255 / 399, y * 255 / 299, 128 + 100 * np.sin(x / 23.0) * np.cos(y / 31.0)], -1)
+    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "image.png")
+    t = np.arange(int(2.5 * 16_000)) / 16_000
+    wave = (0.3 * np.sin(2 * np.pi * 330 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    return root / "image.png", (wave, 16_000)
+
+
+def _prompt(images: int, clips: int) -> list[int]:
+    ids = [BOS, 105, 30, 31, 32]
+    for _ in range(images):
+        ids += [NL, BOI, *[IMAGE] * 256, EOI, NL]
+    for _ in range(clips):
+        ids += [NL, BOA, *[AUDIO] * 188, EOA, NL]
+    return ids + [40, 41, 42, 106, 33]
+
+
+def _eager_tokens(model, out, ids, image, clip) -> list[int]:
+    from gemma_runtime.audio_features import audio_features
+    from gemma_runtime.image_processing import ImageProcessor
+
+    kwargs = {}
+    if image is not None:
+        kwargs["pixel_values"] = torch.from_numpy(ImageProcessor.from_folder(out)(image))
+    if clip is not None:
+        features, mask = audio_features(*clip, padding="max_length")
+        kwargs["input_features"], kwargs["input_features_mask"] = torch.from_numpy(features), torch.from_numpy(mask)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def runtime(built):
+    from gemma_runtime import Model
+
+    return Model.load(built[1])
+
+
+def test_export_folder(built):
+    from gemma_runtime.manifest import read_manifest
+
+    model, out, built_s, export_s = built
+    print(f"\ncheckpoint built+saved in {built_s:.0f} s, exported in {export_s:.0f} s")
+    m = read_manifest(out)
+    assert {"decoder", "vision", "audio"} <= set(m.graphs)
+    for name in ("vision.onnx", "vision.data", "audio.onnx", "audio.data", "preprocessor_config.json"):
+        assert name in m.files and (out / name).is_file()
+    assert m.graphs["vision"].inputs[0].shape == (1, 3, 768, 768)
+    assert m.graphs["vision"].outputs[0].shape == (1, 256, 64)
+    assert [t.dtype for t in m.graphs["audio"].inputs] == ["float32", "bool"]
+    assert m.graphs["audio"].outputs[0].shape == (1, 188, 64)
+    t = m.tokens
+    assert (t.image, t.audio, t.boi, t.eoi, t.boa, t.eoa) == (IMAGE, AUDIO, BOI, EOI, BOA, EOA)
+    assert "text_only" not in m.provenance
+
+
+def test_hard_token_rows_are_the_embedders_hard_path(built):
+    """embed_tokens.bin rows of the vision/audio vocabularies = embed_vision/embed_audio(ids),
+    unscaled, as Gemma3nModel.forward puts them into inputs_embeds; text rows keep sqrt(H)."""
+    model, out, *_ = built
+    table = np.fromfile(out / "embed_tokens.bin", dtype=np.float32).reshape(VOCAB, 64)
+    with torch.no_grad():
+        vision = model.model.embed_vision(input_ids=torch.arange(VISION_OFFSET, AUDIO_OFFSET)[None])[0].numpy()
+        audio = model.model.embed_audio(input_ids=torch.arange(AUDIO_OFFSET, VOCAB)[None])[0].numpy()
+        text = model.model.language_model.embed_tokens(torch.arange(0, TEXT_VOCAB)[None])[0].numpy()
+    np.testing.assert_allclose(table[VISION_OFFSET:AUDIO_OFFSET], vision, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table[AUDIO_OFFSET:], audio, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table[:TEXT_VOCAB], text, rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_generation_does_not_load_encoders(runtime):
+    ids = runtime.generate_ids([BOS, 30, 31, 32, 33], max_new_tokens=4)
+    assert len(ids) >= 1
+    assert runtime.loaded_encoders == ()
+
+
+@pytest.mark.parametrize("images, clips", [(1, 0), (0, 1), (1, 1)], ids=["image", "audio", "image+audio"])
+def test_greedy_tokens_match_eager(built, runtime, media, images, clips):
+    model, out, *_ = built
+    image, clip = media
+    ids = _prompt(images, clips)
+    t = time.perf_counter()
+    ours = runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, images=[image] * images, audio=[clip] * clips)
+    ours_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = _eager_tokens(model, out, ids, image if images else None, clip if clips else None)
+    print(f"\n{images} image(s) {clips} clip(s): runtime {ours_s:.1f} s, eager {time.perf_counter() - t:.1f} s")
+    assert ours == ref
+    assert len(ours) == NEW_TOKENS or ours[-1] == EOS
+
+
+def test_media_rows_never_reused(runtime, media):
+    """A call with other media after one with media (same placeholder ids) must not keep the
+    first call's rows: it gives what a fresh model gives."""
+    _, clip = media
+    other = (np.roll(clip[0], 7_000) * 0.5, clip[1])
+    ids = _prompt(0, 1)
+    runtime.reset()
+    fresh = runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, audio=[other])
+    runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, audio=[clip], reuse_cache=True)
+    again = runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, audio=[other], reuse_cache=True)
+    assert runtime.last_stats.reused_tokens == 0
+    assert again == fresh
+    # and a text call after a media call prefills from scratch too
+    runtime.generate_ids(ids[:5], max_new_tokens=2, reuse_cache=True)
+    assert runtime.last_stats.reused_tokens == 0
+
+
+def test_placeholder_count_mismatch(runtime, media):
+    from gemma_runtime.multimodal import MediaError
+
+    image, clip = media
+    with pytest.raises(MediaError, match="1 image placeholder run.*but 0 image"):
+        runtime.generate_ids(_prompt(1, 0), max_new_tokens=1)
+    with pytest.raises(MediaError, match="1 image placeholder run.*but 2 image"):
+        runtime.generate_ids(_prompt(1, 0), max_new_tokens=1, images=[image, image])
+    with pytest.raises(MediaError, match="0 audio placeholder run.*but 1 audio"):
+        runtime.generate_ids(_prompt(1, 0), max_new_tokens=1, images=[image], audio=[clip])
+    short = [BOS, 30, BOI, *[IMAGE] * 100, EOI, 31]
+    with pytest.raises(MediaError, match="must hold 256 ids.*100"):
+        runtime.generate_ids(short, max_new_tokens=1, images=[image])
+
+
+def test_unreadable_media(runtime, media, tmp_path):
+    from gemma_runtime import GemmaRuntimeError
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(GemmaRuntimeError, match="cannot read image"):
+        runtime.generate_ids(_prompt(1, 0), max_new_tokens=1, images=[broken])
+    with pytest.raises(GemmaRuntimeError, match="silent"):
+        runtime.generate_ids(_prompt(0, 1), max_new_tokens=1, audio=[(np.zeros(16_000, np.float32), 16_000)])
+    with pytest.raises(GemmaRuntimeError, match="30 s"):
+        runtime.generate_ids(_prompt(0, 1), max_new_tokens=1, audio=[(np.full(31 * 16_000, 0.1, np.float32), 16_000)])
+    # a failed call leaves the model usable
+    assert runtime.generate_ids([BOS, 30, 31], max_new_tokens=2)
+
+
+def test_chat_expansion_matches_the_processor():
+    from gemma_runtime.multimodal import expand_placeholders
+
+    names = {"image": "<image_soft_token>", "audio": "<audio_soft_token>", "boi": "<start_of_image>",
+             "eoi": "<end_of_image>", "boa": "<start_of_audio>", "eoa": "<end_of_audio>"}
+    text = "<start_of_turn>user\n<image_soft_token><audio_soft_token>Hi<end_of_turn>\n"
+    got = expand_placeholders(text, names, {"image": 256, "audio": 188})
+    want = ("<start_of_turn>user\n\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\n"
+            "\n\n<start_of_audio>" + "<audio_soft_token>" * 188 + "<end_of_audio>\n\nHi<end_of_turn>\n")
+    assert got == want
+
+
+def test_chat_parts_expand_like_the_processor(runtime, media):
+    """Model.chat's image/audio parts: the template's soft token becomes the processor's run."""
+    image, clip = media
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "audio", "audio": clip},
+                                             {"type": "text", "text": "w40 w41"}]}]
+    ids = runtime.chat_ids(messages)
+    start = ids.index(BOI)
+    assert ids[start - 1] == NL and ids[start + 1 : start + 257] == [IMAGE] * 256 and ids[start + 257 : start + 259] == [EOI, NL]
+    start = ids.index(BOA)
+    assert ids[start - 1] == NL and ids[start + 1 : start + 189] == [AUDIO] * 188 and ids[start + 189 : start + 191] == [EOA, NL]
+    assert ids.count(IMAGE) == 256 and ids.count(AUDIO) == 188
+    # generation through chat (audio only: the vision tower costs seconds per image on CPU)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": clip}, {"type": "text", "text": "w40"}]}]
+    text = runtime.chat(messages, max_new_tokens=4, temperature=0)
+    new = runtime.generate_ids(runtime.chat_ids(messages), max_new_tokens=4, audio=[clip])
+    assert text == runtime.decode([t for t in new if t != EOS])
+    with pytest.raises(Exception, match="0 audio"):
+        runtime.chat([{"role": "user", "content": "w40 <audio_soft_token> w41"}], max_new_tokens=1)
+
+
+def test_gemma_run_with_audio(built, media, tmp_path, capsys):
+    import soundfile
+
+    from gemma_runtime.cli import main
+
+    _, clip = media
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, clip[0], clip[1])
+    assert main([str(built[1]), "--audio", str(wav), "--max-new-tokens", "3", "--temperature", "0", "w40 w41"]) == 0
+    capsys.readouterr()
+    assert main([str(built[1]), "--image", str(tmp_path / "missing.png"), "w40"]) == 2
+    assert "image file not found" in capsys.readouterr().err
