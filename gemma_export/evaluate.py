@@ -13,6 +13,10 @@ to the export's weights. Per predicted token:
     KL(p || q)        sum_v p_v (log p_v - log q_v)      p: reference, q: candidate
     perplexity        exp(mean -log q[next token]), the same for p; ratio = ppl(q) / ppl(p)
 
+A candidate need not be an export folder: evaluate_sources scores any LogitsSource (an object that
+returns a chunk's logits for every position and resets its cache per segment), e.g. another
+toolchain's model on the same token ids (gemma_export/evaluate_genai.py).
+
 No torch here: onnxruntime, numpy, onnx (to build the variant) and gemma_runtime's readers.
 """
 
@@ -26,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -60,8 +65,22 @@ class EvalResult:
         return asdict(self)
 
 
+class LogitsSource(Protocol):
+    """What evaluate_sources scores: a model run under teacher forcing, chunk by chunk."""
+
+    label: str  # shown in the table (an export folder, or a description)
+    quant: str
+    seconds: float  # time spent in chunk_logits so far
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next chunk starts a segment at position 0."""
+
+    def chunk_logits(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
+        """Logits [len(ids), V] of the tokens `ids` at positions position.. (len(ids) <= chunk)."""
+
+
 class _Runner:
-    """One export's all-positions session, host tables and KV cache."""
+    """One export's all-positions session, host tables and KV cache (a LogitsSource)."""
 
     def __init__(self, folder: Path, threads: int | None, calibrate: bool = False):
         import onnx
@@ -103,6 +122,10 @@ class _Runner:
         self.extra = list(self.calibration_inputs)
         self.last_extra: dict[str, np.ndarray] = {}
         self.seconds = 0.0
+        self.label, self.quant = str(folder), m.quant
+
+    def reset(self) -> None:
+        self.cache.reset()
 
     def chunk_logits(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
         """Logits [len(ids), V] of a chunk starting at `position`; its KV rows are stored."""
@@ -162,14 +185,24 @@ def evaluate_ids(reference: Path, candidates: Sequence[Path], ids: Sequence[int]
         raise ExportError(f"token ids must lie in [0, {ref.vocab_size})")
     length = min(r.manifest.max_context for r in runners)
     chunk = min(r.manifest.prefill_chunk for r in runners)
-    bos = ref.tokens.bos
+    return evaluate_sources(runners[0], runners[1:], ids, length, chunk, ref.tokens.bos, progress)
+
+
+def evaluate_sources(reference: LogitsSource, candidates: Sequence[LogitsSource], ids: Sequence[int], length: int,
+                     chunk: int, bos: int | None, progress: bool = False) -> EvalResult:
+    """Teacher-forced scores of `candidates` against `reference` on the token ids `ids`, fed in
+    segments of at most `length` tokens (each starting with `bos`), in chunks of `chunk`."""
+    ids = list(ids)
+    if not ids:
+        raise ExportError("no tokens to evaluate")
+    runners = [reference, *candidates]
     n = len(candidates)
     agree, kl = np.zeros(n), np.zeros(n)
     nll, nll_ref, count, segments = np.zeros(n), 0.0, 0, 0
     for segment in _segments(ids, bos, length):
         segments += 1
         for r in runners:
-            r.cache.reset()
+            r.reset()
         targets = segment[1:]
         for first in range(0, len(segment), chunk):
             piece = segment[first:first + chunk]
@@ -191,11 +224,11 @@ def evaluate_ids(reference: Path, candidates: Sequence[Path], ids: Sequence[int]
         if progress:
             print(f"gemma-export eval: {count} / {len(ids)} tokens", file=sys.stderr, flush=True)
     ppl_ref = math.exp(nll_ref / count)
-    ref_scores = Scores(str(reference), ref.quant, count, 1.0, 0.0, ppl_ref, 1.0, runners[0].seconds)
+    ref_scores = Scores(reference.label, reference.quant, count, 1.0, 0.0, ppl_ref, 1.0, reference.seconds)
     cands = tuple(
-        Scores(str(r.folder), r.manifest.quant, count, agree[j] / count, kl[j] / count,
+        Scores(r.label, r.quant, count, agree[j] / count, kl[j] / count,
                math.exp(nll[j] / count), math.exp(nll[j] / count) / ppl_ref, r.seconds)
-        for j, r in enumerate(runners[1:])
+        for j, r in enumerate(candidates)
     )
     return EvalResult(METHOD, count, segments, chunk, ref_scores, cands)
 
