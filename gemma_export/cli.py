@@ -15,7 +15,7 @@ SUBCOMMANDS = ("eval", "bench", "check", "slice")
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from .plan import DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_CHUNK
+    from .targets import target_names
     from .variants import NAMED_VARIANTS
 
     p = argparse.ArgumentParser(
@@ -27,7 +27,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=list(NAMED_VARIANTS), help="expected model; its default checkpoint if --checkpoint is not given")
     p.add_argument("--checkpoint", help="Hugging Face folder, .gguf file, or hub id")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to download")
-    p.add_argument("--quant", default="fp32", help="recipe: fp32 (default), fp16, int8, int4 (recipes.py)")
+    p.add_argument("--quant", help="recipe: fp32, fp16, int8, int4 (recipes.py); default: the target's (fp32 for cpu)")
     q = p.add_argument_group("recipe options (int4/int8)")
     q.add_argument("--block-size", type=int, help="weights per block along K: 16, 32 (default), 64 or 128")
     sym = q.add_mutually_exclusive_group()
@@ -38,9 +38,10 @@ def _export_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", type=int, dest="lm_head_bits", help="LM head bits: 4, 8 (int4 default) or 32 (keep float)")
     q.add_argument("--rtn", dest="scale_search", action="store_false", default=None, help="plain round-to-nearest scales (no search)")
     q.add_argument("--tables", choices=["float32", "int8"], help="host table rows (int8 per row under int4/int8)")
-    p.add_argument("--target", default="cpu")
-    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--target", default="cpu", choices=target_names(),
+                   help="build target (targets/*.toml): providers, weight format, sizes; default cpu")
+    p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the target's, 4096 for cpu)")
+    p.add_argument("--prefill-chunk", type=int, help="tokens per prefill step (default: the target's, 128 for cpu)")
     p.add_argument("--random-weights", action="store_true", help="full-size variant with random weights (benchmarks)")
     p.add_argument("--text-only", action="store_true",
                    help="multimodal Gemma 3n checkpoints: skip the vision and audio encoders (no vision.onnx/audio.onnx; "

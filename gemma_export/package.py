@@ -37,6 +37,7 @@ from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
 from .recipes import Recipe, fp32
 from .resources import check_resources
+from .targets import load_target
 from .variants import SLIDING, Variant
 from .weights import TensorSource, load_decoder
 
@@ -254,6 +255,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             provenance=_provenance(plan, report),
             tokenizer_files=tuple(tokenizer_files),
         )
+            providers=load_target(plan.target).providers,
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,13 +10,11 @@ from .errors import ExportError
 from .matformer import apply_to_export, resolve_slice
 from .package import ExportPlan
 from .recipes import RECIPES, RecipeOptions, check_recipe_fits, make_recipe
+from .targets import Target, load_target, target_names
 from .variants import Variant, named_variant, variant_from_config
 from .weights import RandomTensors
 
 SUPPORTED_QUANTS = tuple(RECIPES)
-SUPPORTED_TARGETS = ("cpu",)
-DEFAULT_MAX_CONTEXT = 4096
-DEFAULT_PREFILL_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,11 @@ class ExportRequest:
     variant: str | None = None
     checkpoint: str | None = None
     revision: str | None = None
-    quant: str = "fp32"
+    # None: the target's (targets/*.toml); a value overrides it where the target allows
+    quant: str | None = None
     target: str = "cpu"
-    max_context: int = DEFAULT_MAX_CONTEXT
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    max_context: int | None = None
+    prefill_chunk: int | None = None
     random_weights: bool = False
     recipe_options: RecipeOptions = RecipeOptions()
     matformer: str | None = None  # MatFormer slice (matformer.py): a name in the slicing table,
@@ -36,11 +36,32 @@ class ExportRequest:
     text_only: bool = False  # Gemma3nForConditionalGeneration: skip the vision and audio encoders
 
 
+# What this version builds: one decoder graph (symbolic chunk) with float or MatMulNBits weights.
+# Targets that need static prefill/decode graphs or QDQ weights (qnn-htp, coreml, openvino) are
+# described in targets/ but refused here until their build exists.
+BUILT_WEIGHT_FORMATS = ("float", "matmulnbits")
+
+
+def _apply_target(req: ExportRequest) -> tuple[ExportRequest, Target]:
+    """The request with the target's quant / max context / prefill chunk filled in."""
+    target = load_target(req.target)
+    missing = unbuilt_features(target)
+    if missing:
+        raise ExportError(f"--target {target.name} needs {' and '.join(missing)}, which this version does not export yet; "
+                          f"buildable targets: {', '.join(n for n in target_names() if not unbuilt_features(load_target(n)))}")
+    quant, max_context, chunk = target.with_overrides(req.quant, req.max_context, req.prefill_chunk)
+    return dataclasses.replace(req, quant=quant, max_context=max_context, prefill_chunk=chunk), target
+
+
+def unbuilt_features(target: Target) -> list[str]:
+    """What `target` asks for that this version's export does not build."""
+    return ((["static prefill/decode graphs"] if target.static_shapes else [])
+            + (["QDQ weights"] if target.weights.format not in BUILT_WEIGHT_FORMATS else []))
+
+
 def _check_request(req: ExportRequest) -> None:
     make_recipe(req.quant, req.recipe_options)  # unknown recipes and senseless options fail here
     resolve_slice(req.matformer, req.matformer_config, req.ffn_dims, req.skip_layers)  # bad slices too
-    if req.target not in SUPPORTED_TARGETS:
-        raise ExportError(f"--target {req.target} is not available yet; this version builds: {', '.join(SUPPORTED_TARGETS)}")
     if req.prefill_chunk < 1:
         raise ExportError(f"--prefill-chunk must be at least 1, got {req.prefill_chunk}")
     if req.max_context < 2 or req.max_context < req.prefill_chunk:
@@ -63,6 +84,7 @@ def _default_source(variant_name: str) -> str:
 
 
 def make_plan(req: ExportRequest) -> ExportPlan:
+    req, _ = _apply_target(req)
     _check_request(req)
     if req.random_weights:
         variant = variant_from_config(named_variant(req.variant).config, expected=req.variant)

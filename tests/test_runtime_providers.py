@@ -14,7 +14,7 @@ from gemma_runtime.providers import PROVIDERS, resolve_provider
 from gemma_runtime.session_cache import graph_cache_key
 from test_runtime_model import BOS, Fake
 
-MISSING = [p for p in PROVIDERS.values() if p.ort_name not in ort.get_available_providers()]
+MISSING = [p for p in PROVIDERS.values() if not providers.is_available(p)]
 
 
 def test_names_and_default_from_target():

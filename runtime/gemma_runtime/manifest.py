@@ -112,7 +112,7 @@ class Manifest:
     variant: str | None  # named variant (e.g. "gemma3-270m") or None for an unnamed checkpoint
     architecture: str  # Hugging Face architecture of the source checkpoint
     quant: str  # quantization recipe name ("fp32")
-    target: str  # build target name ("cpu")
+    target: str  # build target name (gemma-export's targets/NAME.toml)
     hidden_size: int
     vocab_size: int
     prefill_chunk: int  # T used for prefill
@@ -129,6 +129,9 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256 of every other file in the folder
     provenance: dict[str, Any] = field(default_factory=dict)
     tokenizer_files: tuple[str, ...] = ()
+    # the target's execution providers (--provider names), most preferred first: the runtime's
+    # default is the first one this onnxruntime has; empty in exports made before targets existed
+    providers: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -154,6 +157,7 @@ class Manifest:
                     ),
                     "tokens": TokenIds(**{**raw["tokens"], "stop": tuple(raw["tokens"]["stop"])}),
                     "tokenizer_files": tuple(raw.get("tokenizer_files", ())),
+                    "providers": tuple(raw.get("providers", ())),
                 }
             )
         except (KeyError, TypeError) as err:

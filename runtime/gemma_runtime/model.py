@@ -122,13 +122,14 @@ class Model:
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
              graph_cache: bool = False) -> "Model":
         """provider: cpu | cuda | openvino | qnn | dml | coreml (or onnxruntime's own name);
-        default: the export's target. graph_cache: keep onnxruntime's optimized graph in the
-        runtime's cache folder (~/.cache/gemma_runtime or $GEMMA_RUNTIME_CACHE_DIR)."""
+        default: the first of the export target's providers that this onnxruntime has.
+        graph_cache: keep onnxruntime's optimized graph in the runtime's cache folder
+        (~/.cache/gemma_runtime or $GEMMA_RUNTIME_CACHE_DIR)."""
         folder = Path(path)
         manifest = read_manifest(folder)
         _check_manifest(manifest)
         _check_onnxruntime_version(manifest)
-        provider = resolve_provider(provider, manifest.target)
+        provider = resolve_provider(provider, manifest.target, manifest.providers)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
         # Checksums before any session or memory map: a broken file must not be half-loaded.

@@ -3,10 +3,17 @@
 A provider the installed onnxruntime lacks is an error naming the package that has it; a
 provider that is present but fails to initialize (onnxruntime then falls back to CPU with only
 a warning) is caught after the session is made (model.py). Never a silent CPU fallback.
+
+The default provider is the first of the manifest's `providers` (the export target's list, most
+preferred first) that this onnxruntime has. Plugin execution providers (onnxruntime >= 1.22's EP
+libraries, e.g. PyPI's onnxruntime-qnn) are registered on first use and added to a session by
+their devices, with onnxruntime's CPU fallback disabled: a node the accelerator cannot take is an
+error when the session is made, not a slow silent CPU run.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import onnxruntime as ort
@@ -19,6 +26,7 @@ class Provider:
     name: str  # --provider NAME
     ort_name: str  # onnxruntime's provider name
     package: str  # what to install to get it
+    plugin: str | None = None  # Python module of a plugin EP library (get_ep_name, get_library_path)
 
 
 PROVIDERS = {
@@ -27,7 +35,7 @@ PROVIDERS = {
         Provider("cpu", "CPUExecutionProvider", "onnxruntime"),
         Provider("cuda", "CUDAExecutionProvider", "onnxruntime-gpu"),
         Provider("openvino", "OpenVINOExecutionProvider", "onnxruntime-openvino"),
-        Provider("qnn", "QNNExecutionProvider", "onnxruntime-qnn"),
+        Provider("qnn", "QNNExecutionProvider", "onnxruntime-qnn", plugin="onnxruntime_qnn"),
         Provider("dml", "DmlExecutionProvider", "onnxruntime-directml"),
         Provider("coreml", "CoreMLExecutionProvider", "onnxruntime (its macOS build has CoreML)"),
     )
@@ -47,9 +55,23 @@ def provider_for_target(target: str) -> Provider:
     )
 
 
-def resolve_provider(requested: str | None, target: str) -> str:
+def resolve_provider(requested: str | None, target: str, preferred: tuple[str, ...] = ()) -> str:
     """onnxruntime's provider name for `requested` (a short name or onnxruntime's own name),
-    or for the target's default; ProviderError when this onnxruntime does not have it."""
+    or the first of `preferred` (the manifest's providers) that this onnxruntime has, or the
+    target's default; ProviderError when this onnxruntime does not have it."""
+    if requested is None and preferred:
+        unknown = [p for p in preferred if p not in PROVIDERS]
+        if unknown:
+            raise ProviderError(f"the export names unknown execution providers {unknown}; pass one explicitly "
+                                f"(--provider / provider=): {', '.join(PROVIDERS)}")
+        have = [p for p in preferred if is_available(PROVIDERS[p])]
+        if not have:
+            raise ProviderError(
+                f"none of the execution providers of target {target!r} ({', '.join(preferred)}) is in the installed "
+                f"onnxruntime {ort.__version__}: install {' or '.join(PROVIDERS[p].package for p in preferred)}, "
+                f"or pass --provider cpu to run it on the CPU"
+            )
+        return PROVIDERS[have[0]].ort_name
     if requested is None:
         provider = provider_for_target(target)
     elif requested.lower() in PROVIDERS:
@@ -64,10 +86,62 @@ def resolve_provider(requested: str | None, target: str) -> str:
             f"unknown execution provider {requested!r}; use one of {', '.join(PROVIDERS)} "
             f"(onnxruntime {ort.__version__}; available: {', '.join(available)})"
         )
-    if provider.ort_name not in available:
+    if not is_available(provider):
         raise ProviderError(
             f"execution provider {provider.name!r} ({provider.ort_name}) is not in the installed onnxruntime "
             f"{ort.__version__} (available: {', '.join(available)}); install {provider.package} "
             f"(pip uninstall onnxruntime && pip install {provider.package.split()[0]})"
         )
     return provider.ort_name
+
+
+# ---- plugin execution providers -----------------------------------------------------------------
+
+_REGISTERED: set[str] = set()
+# options a plugin EP needs to pick its backend: QNN's HTP (the NPU; on x86-64 an emulator)
+_PLUGIN_OPTIONS = {"onnxruntime_qnn": lambda module: {"backend_path": module.get_qnn_htp_path()}}
+
+
+def is_available(provider: Provider) -> bool:
+    """In this onnxruntime, built in or as an installed plugin EP library."""
+    if provider.ort_name in ort.get_available_providers():
+        return True
+    return provider.plugin is not None and bool(_plugin_devices(provider))
+
+
+def _plugin_module(provider: Provider):
+    try:
+        return importlib.import_module(provider.plugin)
+    except ImportError:
+        return None
+
+
+def _plugin_devices(provider: Provider) -> list:
+    """The plugin's OrtEpDevices, registering its library first; [] when it is not installed."""
+    module = _plugin_module(provider)
+    if module is None or not hasattr(ort, "register_execution_provider_library"):
+        return []
+    ep_name = module.get_ep_name()
+    if ep_name not in _REGISTERED:
+        try:
+            ort.register_execution_provider_library(ep_name, module.get_library_path())
+        except Exception as err:  # onnxruntime raises its own types
+            if "already registered" not in str(err):
+                raise ProviderError(f"{provider.package} is installed but its EP library does not load: {err}") from err
+        _REGISTERED.add(ep_name)
+    return [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
+
+
+def configure_session(options: ort.SessionOptions, ort_name: str) -> list[str] | None:
+    """Adds a plugin EP to `options` (its devices, options, CPU fallback off) and returns None, or
+    returns the `providers` list to pass to InferenceSession for a built-in provider."""
+    provider = _BY_ORT_NAME.get(ort_name)
+    if provider is None or provider.plugin is None or ort_name in ort.get_available_providers():
+        return [ort_name]
+    devices = _plugin_devices(provider)
+    if not devices:
+        raise ProviderError(f"execution provider {provider.name!r} is not installed: pip install {provider.package}")
+    module = _plugin_module(provider)
+    options.add_provider_for_devices(devices, _PLUGIN_OPTIONS.get(provider.plugin, lambda m: {})(module))
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return None

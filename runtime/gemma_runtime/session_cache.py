@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from .errors import GemmaRuntimeError, ProviderError
 from .integrity import default_cache_dir
+from .providers import configure_session
 
 GRAPHS = "graphs"
 OPT_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -40,7 +41,8 @@ def _options(threads: int | None) -> ort.SessionOptions:
 
 def _create(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+        # plugin EPs (onnxruntime-qnn) go into the options by device; built-in ones by name
+        session = ort.InferenceSession(str(path), sess_options=options, providers=configure_session(options, provider))
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise GemmaRuntimeError(
             f"onnxruntime {ort.__version__} cannot load {path.name}: {str(err).splitlines()[0]}"
