@@ -1,6 +1,6 @@
 """gemma-export: the command line. Export is the default action; `eval` compares two exports
 (evaluate.py); `slice` writes a MatFormer slice as a Hugging Face folder (slice_checkpoint.py);
-bench and check are reserved subcommands (later issues)."""
+`check` reports whether an export fits a target (check.py); bench is reserved (a later issue)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import main as eval_main
 
             return eval_main(argv[1:])
+        if argv and argv[0] == "check":
+            from .check import main as check_main
+
+            return check_main(argv[1:])
         if argv and argv[0] == "slice":
             from .slice_checkpoint import main as slice_main
 

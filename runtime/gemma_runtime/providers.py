@@ -132,9 +132,10 @@ def _plugin_devices(provider: Provider) -> list:
     return [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
 
 
-def configure_session(options: ort.SessionOptions, ort_name: str) -> list[str] | None:
-    """Adds a plugin EP to `options` (its devices, options, CPU fallback off) and returns None, or
-    returns the `providers` list to pass to InferenceSession for a built-in provider."""
+def configure_session(options: ort.SessionOptions, ort_name: str, cpu_fallback: bool = False) -> list[str] | None:
+    """Adds a plugin EP to `options` (its devices, options, CPU fallback off unless `cpu_fallback`:
+    gemma-export check measures which nodes would fall back) and returns None, or returns the
+    `providers` list to pass to InferenceSession for a built-in provider."""
     provider = _BY_ORT_NAME.get(ort_name)
     if provider is None or provider.plugin is None or ort_name in ort.get_available_providers():
         return [ort_name]
@@ -143,5 +144,6 @@ def configure_session(options: ort.SessionOptions, ort_name: str) -> list[str] |
         raise ProviderError(f"execution provider {provider.name!r} is not installed: pip install {provider.package}")
     module = _plugin_module(provider)
     options.add_provider_for_devices(devices, _PLUGIN_OPTIONS.get(provider.plugin, lambda m: {})(module))
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if not cpu_fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     return None
