@@ -95,3 +95,36 @@ def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Pat
                 TensorSpec(INPUT_NAMES[1], "bool", (1, aspec.num_frames))),
         outputs=(TensorSpec(OUTPUT_NAMES[0], "float32", aspec.output_shape),))
     return graphs, overrides
+
+
+ENCODER_FILES = {"vision": (VISION_GRAPH, VISION_DATA), "audio": (AUDIO_GRAPH, AUDIO_DATA)}
+
+
+def quantized_encoder_files(graphs, recipe) -> set[str]:
+    """The files of the encoder graphs in `graphs` (manifest graph specs) that `recipe` rewrites."""
+    return {f for kind, spec in graphs.items() if kind in ENCODER_FILES and recipe.encoder_format(kind) is not None
+            for f in (spec.file, spec.data_file)}
+
+
+def quantize_encoders(folder: Path, graphs, recipe, progress: Progress, source: Path | None = None) -> dict:
+    """Rewrites the encoder graphs in `folder` under `recipe`'s vision/audio formats (from the
+    float files in `source`, default `folder`); returns what provenance records about them:
+    {kind: "fp32"} or {kind: {"format", "tensors", "mean_rel_error", "max_rel_error"}}."""
+    from .passes import quantize_encoder_files
+    from .passes.matmuls import _format_name
+
+    record = {}
+    for kind, spec in graphs.items():
+        if kind not in ENCODER_FILES:
+            continue
+        fmt = recipe.encoder_format(kind)
+        if fmt is None:
+            record[kind] = "fp32"
+            continue
+        with progress.step(f"quantizing {spec.file} ({_format_name(fmt)} MatMuls, int8 per-channel Conv kernels)"):
+            report = quantize_encoder_files(folder, spec.file, spec.data_file, fmt, kind, source=source)
+        errors = [r.rel_error for r in report]
+        record[kind] = {"format": _format_name(fmt), "conv": "int8/channel/qdq", "tensors": len(report),
+                        "mean_rel_error": round(sum(errors) / max(len(errors), 1), 6),
+                        "max_rel_error": round(max(errors, default=0.0), 6)}
+    return record

@@ -124,7 +124,7 @@ def _token_ids(variant: Variant, aux_files: dict[str, Path], encoders: dict | No
                     **media)
 
 
-def _provenance(plan: ExportPlan, quant_report) -> dict:
+def _provenance(plan: ExportPlan, quant_report, encoders: dict | None = None) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -144,7 +144,7 @@ def _provenance(plan: ExportPlan, quant_report) -> dict:
         "quant_recipe": _recipe_record(plan.recipe, quant_report),
         **({"matformer": plan.matformer} if plan.matformer else {}),
         **({"text_only": True} if plan.text_only else {}),
-        **({"encoders": "vision.onnx, audio.onnx (fp32)"} if plan.encoders is not None else {}),
+        **({"encoders": encoders} if encoders else {}),  # per graph: "fp32" or its format and errors
     }
 
 
@@ -219,11 +219,12 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
             del model
         report = _quantize_decoder(staging, plan.recipe, progress)
-        encoder_graphs, hard_rows = {}, None
+        encoder_graphs, hard_rows, encoders_record = {}, None, None
         if plan.encoders is not None:
-            from .encoders import write_encoders
+            from .encoders import quantize_encoders, write_encoders
 
             encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
+            encoders_record = quantize_encoders(staging, encoder_graphs, plan.recipe, progress)
         with progress.step(f"writing host tables ({plan.recipe.tables})"):
             tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
         tokenizer_files = []
@@ -252,7 +253,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
             tokens=_token_ids(variant, plan.aux_files, plan.encoders),
             files=files,
-            provenance=_provenance(plan, report),
+            provenance=_provenance(plan, report, encoders_record),
             tokenizer_files=tuple(tokenizer_files),
         )
             providers=load_target(plan.target).providers,
@@ -305,6 +306,8 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     quality tests derive their int8/int4 exports this way from one fp32 export."""
     from gemma_runtime.manifest import read_manifest
 
+    from .encoders import quantize_encoders, quantized_encoder_files
+
     progress = progress or Progress(enabled=False)
     src, out = Path(src), Path(out)
     base = read_manifest(src)
@@ -318,16 +321,20 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         derived = {t.file for t in tables.values()} if recipe.tables == "int8" else set()
         if recipe.changes_graph:
             derived |= {graph.file, graph.data_file}
+        derived |= quantized_encoder_files(base.graphs, recipe)
         for name in base.files:
             if name not in derived:
                 shutil.copyfile(src / name, staging / name)
         report = _quantize_decoder(staging, recipe, progress, source=src, importance=importance)
+        encoders_record = quantize_encoders(staging, base.graphs, recipe, progress, source=src)
         if recipe.tables == "int8":
             tables = {k: quantize_table_file(staging, t, source=src) for k, t in tables.items()}
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = dict(base.provenance)
         provenance["min_onnxruntime"] = max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, key=_version_key)
         provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration}
+        if encoders_record:
+            provenance["encoders"] = encoders_record
         if record_source:
             provenance["quant_recipe"]["requantized_from"] = str(src)
         manifest = dataclasses.replace(base, quant=recipe.name, tables=tables, files=files, provenance=provenance)

@@ -7,7 +7,10 @@ dataclasses.replace and are checked here, so a recipe that makes no sense fails 
 Tensor classes of the decoder graph (passes/classify.py decides them from the exporter's module
 paths): attention (q/k/v/o projections), mlp (gate/up/down), lm_head (the largest single weight),
 other (Gemma 3n's AltUp/Laurel/per-layer projections: small, kept float32 by the named recipes).
-Host tables (embed_tokens, per_layer) have their own row format.
+Host tables (embed_tokens, per_layer) have their own row format. The encoders of Gemma 3n
+(vision.onnx, audio.onnx) have one format each (`vision`, `audio`): 8 bits only, their weight
+MatMuls as MatMulNBits and their Conv kernels int8 per output channel behind a DequantizeLinear
+(passes/convs.py); command-line block options do not touch them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from .errors import ExportError
 
 TENSOR_CLASSES = ("attention", "mlp", "lm_head", "other")
+ENCODER_GRAPHS = ("vision", "audio")
 BLOCK_SIZES = (16, 32, 64, 128)
 # MatMulNBits: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. The recipes default
 # to 0: on Gemma 3 270M, int8 activations (4) cost 2.3 points of top-1 agreement at int8 weights
@@ -73,6 +77,15 @@ class Recipe:
     # calibration text (passes/calibrate.py), named here (e.g. "cpython-docs-tail:2048")
     calibration: str | None = None
     calibration_tokens: int = 2048
+    # the encoder graphs of Gemma 3n exports (None: float32)
+    vision: WeightFormat | None = None
+    audio: WeightFormat | None = None
+
+    def encoder_format(self, graph: str) -> WeightFormat | None:
+        """The format of the encoder graph `graph` ("vision" or "audio")."""
+        if graph not in ENCODER_GRAPHS:
+            raise ExportError(f"unknown encoder graph {graph!r} (known: {', '.join(ENCODER_GRAPHS)})")
+        return getattr(self, graph)
 
     def format_for(self, tensor_class: str, module: str | None = None) -> WeightFormat | None:
         if tensor_class not in TENSOR_CLASSES:
@@ -96,7 +109,9 @@ class Recipe:
     def min_onnxruntime(self) -> str:
         """MatMulNBits bits=4 with accuracy_level runs on CPU from 1.20 (this project's floor);
         bits=8 got its x64 kernel in 1.22."""
-        return "1.22" if any(f.bits == 8 for f in self.formats) else "1.20" if self.changes_graph else "1.17"
+        encoders = [f for f in (self.vision, self.audio) if f is not None]
+        return ("1.22" if any(f.bits == 8 for f in (*self.formats, *encoders))
+                else "1.20" if self.changes_graph else "1.17")
 
     def check(self) -> None:
         for cls in TENSOR_CLASSES:
@@ -105,6 +120,12 @@ class Recipe:
                 fmt.check(f"recipe {self.name}, {cls}")
         for suffix, fmt in self.overrides:
             fmt.check(f"recipe {self.name}, {suffix}")
+        for graph in ENCODER_GRAPHS:
+            fmt = self.encoder_format(graph)
+            if fmt is not None:
+                fmt.check(f"recipe {self.name}, {graph}")
+                if fmt.bits != 8:
+                    raise ExportError(f"recipe {self.name}: the {graph} encoder takes 8-bit weights only, not {fmt.bits}")
         if self.calibration is not None and not any(f.bits in (4, 8) and f.scale_search for f in self.formats):
             raise ExportError(f"recipe {self.name}: calibration weights the block search of 4/8-bit weights; this recipe has none")
         if self.tables not in TABLE_FORMATS:
@@ -125,9 +146,15 @@ def fp16() -> Recipe:
     return Recipe("fp16", attention=half, mlp=half, lm_head=half, other=half)
 
 
+# Encoders under the int8 and int4 recipes: 8-bit weights (MatMulNBits blocks of 32, Conv kernels
+# per output channel). Soft-embedding cosine to fp32, real photos and speech through the full-size
+# random-weight towers: vision 0.997-0.998, audio 0.9999 (bench/vision_latency.py, audio_latency.py).
+ENCODER_W8 = WeightFormat(bits=8, block_size=DEFAULT_BLOCK)
+
+
 def int8() -> Recipe:
     w8 = WeightFormat(bits=8, block_size=DEFAULT_BLOCK)
-    return Recipe("int8", attention=w8, mlp=w8, lm_head=w8, tables="int8")
+    return Recipe("int8", attention=w8, mlp=w8, lm_head=w8, tables="int8", vision=ENCODER_W8, audio=ENCODER_W8)
 
 
 def int4() -> Recipe:
@@ -142,7 +169,7 @@ def int4() -> Recipe:
     w8 = WeightFormat(bits=8, block_size=DEFAULT_BLOCK)
     return Recipe("int4", attention=w4, mlp=w4, lm_head=w8, tables="int8",
                   overrides=(("self_attn.k_proj", w8), ("self_attn.v_proj", w8)),
-                  calibration="cpython-docs-tail")
+                  calibration="cpython-docs-tail", vision=ENCODER_W8, audio=ENCODER_W8)
 
 
 RECIPES = {"fp32": fp32, "fp16": fp16, "int8": int8, "int4": int4}

@@ -5,6 +5,8 @@ write big tensors through a TensorStore (passes/store.py), composed by recipes (
 - logits.all_positions_logits: the decoder with logits for every chunk position (evaluation)
 - blockwise: the numpy arithmetic of MatMulNBits (quantize, pack, dequantize)
 - calibrate: per-input-channel mean x^2 of every weight MatMul on calibration text (imatrix)
+- convs.quantize_convs: Conv kernels -> int8 per output channel + DequantizeLinear (encoders)
+- encoders.quantize_encoder_files: vision.onnx / audio.onnx with 8-bit weights, file to file
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import onnx
 
 from ..recipes import Recipe
+from .encoders import quantize_encoder_files
 from .matmuls import TensorReport, quantize_matmuls, relocate_initializers, weight_matmuls
 from .store import TensorStore
 
-__all__ = ["TensorReport", "TensorStore", "quantize_decoder_files", "quantize_matmuls", "weight_matmuls"]
+__all__ = ["TensorReport", "TensorStore", "quantize_decoder_files", "quantize_encoder_files", "quantize_matmuls", "weight_matmuls"]
 
 
 def quantize_decoder_files(folder: Path, graph_file: str, data_file: str, recipe: Recipe,
