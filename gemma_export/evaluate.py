@@ -82,7 +82,9 @@ class LogitsSource(Protocol):
 class _Runner:
     """One export's all-positions session, host tables and KV cache (a LogitsSource)."""
 
-    def __init__(self, folder: Path, threads: int | None, calibrate: bool = False):
+    def __init__(self, folder: Path, threads: int | None, calibrate: bool = False, transform=None):
+        """transform: ModelProto -> ModelProto applied to the all-positions variant before the
+        session is made (e.g. weights turned into inputs, fed from `fixed_feeds` on every run)."""
         import onnx
         import onnxruntime as ort
         from gemma_runtime.integrity import verify_files
@@ -104,6 +106,8 @@ class _Runner:
                 model, self.calibration_inputs = calibration_variant(model)
             else:
                 model = all_positions_logits(model)
+            if transform is not None:
+                model = transform(model)
         except GraphShapeError as err:
             raise ExportError(f"{folder}: {err}") from err
         options = ort.SessionOptions()
@@ -121,6 +125,7 @@ class _Runner:
         self.outputs = ["logits", *self.cache.output_names()]
         self.extra = list(self.calibration_inputs)
         self.last_extra: dict[str, np.ndarray] = {}
+        self.fixed_feeds: dict[str, np.ndarray] = {}
         self.seconds = 0.0
         self.label, self.quant = str(folder), m.quant
 
@@ -134,7 +139,7 @@ class _Runner:
         embeds = np.zeros((1, chunk, m.hidden_size), dtype=np.float32)
         embeds[0, :valid] = self.embed.lookup(ids)
         feeds = {"inputs_embeds": embeds, "position": np.array([position], dtype=np.int64),
-                 "valid": np.array([valid], dtype=np.int64), **self.cache.feeds()}
+                 "valid": np.array([valid], dtype=np.int64), **self.cache.feeds(), **self.fixed_feeds}
         if self.per_layer is not None:
             pli = m.per_layer_inputs
             rows = np.zeros((1, chunk, pli.num_layers, pli.dim), dtype=np.float32)

@@ -22,6 +22,18 @@ import numpy as np
 from .errors import ExportError
 
 
+def _plain_sliding_cache(model) -> None:
+    """GroupQueryAttention's sliding_window_cache=1 (the builder's default for sliding layers) wants
+    a preallocated cache of at least the window that onnxruntime-genai's runtime manages; set to 0,
+    the sliding layers take a growing past like the global ones. Only the cache's storage changes:
+    local_window_size (512) still masks what each query attends to, and no weight is touched."""
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            for a in node.attribute:
+                if a.name == "sliding_window_cache":
+                    a.i = 0
+
+
 class GenaiSource:
     """Teacher-forced logits of a folder written by onnxruntime_genai.models.builder (a LogitsSource)."""
 
@@ -38,13 +50,17 @@ class GenaiSource:
         self.names = decoder["inputs"], decoder["outputs"]
         self.layers = int(decoder["num_hidden_layers"])
         model_file = folder / decoder["filename"]
-        graph = onnx.load(str(model_file), load_external_data=False).graph
-        bits = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
+        model = onnx.load(str(model_file), load_external_data=False)
+        bits = sorted({a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
         self.quant = "fp32" if not bits else "/".join(f"int{b}" for b in bits)
+        _plain_sliding_cache(model)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        # the graph is handed over in memory; its weights stay in the build's folder
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del model
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.label = label or str(folder)
         self.seconds = 0.0
