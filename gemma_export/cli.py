@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true",
                    help="multimodal Gemma 3n checkpoints: skip the vision and audio encoders (no vision.onnx/audio.onnx; "
                    "the export then takes text only)")
+    p.add_argument("--graph-passes", metavar="NAMES",
+                   help="graph passes on decoder.onnx after quantization: comma-separated names "
+                   "(passes/graph_passes.py: ort-fusions) or none; default: the target's (cpu: ort-fusions)")
     from .slice_checkpoint import add_slice_arguments
 
     add_slice_arguments(p)
@@ -61,6 +65,11 @@ def _export(argv: list[str]) -> int:
     from .recipes import RecipeOptions
 
     start = time.perf_counter()
+    passes = None
+    if args.graph_passes is not None:
+        from .passes.graph_passes import passes_for_target
+
+        passes = passes_for_target(args.graph_passes, args.target)
     plan = make_plan(ExportRequest(
         variant=args.variant, checkpoint=args.checkpoint, revision=args.revision, quant=args.quant,
         target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
@@ -70,6 +79,8 @@ def _export(argv: list[str]) -> int:
                                      affine=args.affine),
         matformer=args.matformer, matformer_config=args.matformer_config, ffn_dims=args.ffn_dims, skip_layers=args.skip_layers,
     ))
+    if passes is not None:
+        plan = dataclasses.replace(plan, graph_passes=passes)
     manifest = write_export(plan, args.out, Progress(enabled=not args.quiet))
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
     print(f"gemma-export: wrote {args.out} ({manifest.family}, {manifest.quant}, {size / 2**20:.0f} MiB) "

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from gemma_runtime.manifest import (
     FORMAT_VERSION,
@@ -69,6 +69,9 @@ class ExportPlan:
     # encoders are exported too (encoders.py); None for text models and under --text-only
     encoders: dict | None = None
     text_only: bool = False  # --text-only was asked for (recorded in provenance)
+    # graph passes by name (passes/graph_passes.py) run on decoder.onnx after quantization;
+    # None: the target's (targets/*.toml `passes`)
+    graph_passes: tuple[str, ...] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -219,6 +222,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
             del model
         report = _quantize_decoder(staging, plan.recipe, progress)
+        graph_record = _run_graph_passes(staging, _graph_passes(plan), progress)
         encoder_graphs, hard_rows, encoders_record = {}, None, None
         if plan.encoders is not None:
             from .encoders import quantize_encoders, write_encoders
@@ -253,10 +257,10 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
             tokens=_token_ids(variant, plan.aux_files, plan.encoders),
             files=files,
-            provenance=_provenance(plan, report, encoders_record),
+            provenance={**_provenance(plan, report, encoders_record), "graph_passes": graph_record},
             tokenizer_files=tuple(tokenizer_files),
-        )
             providers=load_target(plan.target).providers,
+        )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest
@@ -299,8 +303,33 @@ def _quantize_decoder(folder: Path, recipe: Recipe, progress: Progress, source: 
         return quantize_decoder_files(folder, DECODER_GRAPH, DECODER_DATA, recipe, source=source, importance=importance)
 
 
+def _graph_passes(plan: ExportPlan) -> tuple[str, ...]:
+    """--graph-passes when given, else the target's passes (targets/*.toml)."""
+    return plan.graph_passes if plan.graph_passes is not None else load_target(plan.target).passes
+
+
+def _run_graph_passes(folder: Path, names: Sequence[str], progress: Progress) -> dict:
+    from .passes.graph_passes import apply_graph_passes
+
+    with progress.step(f"graph passes on {DECODER_GRAPH}: {', '.join(names) or 'none'}"):
+        return apply_graph_passes(folder, DECODER_GRAPH, names)
+
+
+def _requantize_passes(base: Manifest, asked: Sequence[str] | None) -> tuple[str, ...]:
+    """The passes a requantized decoder gets: `asked`, else those the source export ran. A pass
+    cannot be undone, so `asked` must include the source's."""
+    done = tuple(base.provenance.get("graph_passes", {}).get("passes", ()))
+    if asked is None:
+        return done
+    missing = [p for p in done if p not in asked]
+    if missing:
+        raise ExportError(f"the source export already ran graph pass(es) {', '.join(missing)}, which requantizing "
+                          "cannot undo: export the source with --graph-passes none")
+    return tuple(asked)
+
+
 def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress | None = None,
-                      record_source: bool = True) -> Manifest:
+                      record_source: bool = True, graph_passes: Sequence[str] | None = None) -> Manifest:
     """A quantized export made from an fp32 export folder `src` (no checkpoint, no torch): the same
     passes as `gemma-export --quant`, in seconds instead of a new torch export. Benchmarks and the
     quality tests derive their int8/int4 exports this way from one fp32 export."""
@@ -314,6 +343,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     if base.quant != "fp32":
         raise ExportError(f"{src} is a {base.quant} export: requantize from an fp32 export")
     check_out_folder(out)
+    passes = _requantize_passes(base, graph_passes)  # None: the source's
     recipe, importance, calibration = _calibrate(src, recipe, progress)
     with _staging_folder(out) as staging:
         graph = base.graphs["decoder"]
@@ -326,11 +356,15 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
             if name not in derived:
                 shutil.copyfile(src / name, staging / name)
         report = _quantize_decoder(staging, recipe, progress, source=src, importance=importance)
+        rewritten = recipe.changes_graph or graph_passes is not None
+        graph_record = _run_graph_passes(staging, passes, progress) if rewritten else None
         encoders_record = quantize_encoders(staging, base.graphs, recipe, progress, source=src)
         if recipe.tables == "int8":
             tables = {k: quantize_table_file(staging, t, source=src) for k, t in tables.items()}
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = dict(base.provenance)
+        if graph_record is not None:
+            provenance["graph_passes"] = graph_record
         provenance["min_onnxruntime"] = max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, key=_version_key)
         provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration}
         if encoders_record:
