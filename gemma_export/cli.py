@@ -1,6 +1,6 @@
 """gemma-export: the command line. Export is the default action; `eval` compares two exports
 (evaluate.py); `slice` writes a MatFormer slice as a Hugging Face folder (slice_checkpoint.py);
-`check` reports whether an export fits a target (check.py); bench is reserved (a later issue)."""
+`bench` runs our runtime beside other engines (bench/compare.py); `check` reports whether an export fits a target (check.py)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import main as eval_main
 
             return eval_main(argv[1:])
+        if argv and argv[0] == "bench":
+            from .bench.compare import main as bench_main
+
+            return bench_main(argv[1:])
         if argv and argv[0] == "check":
             from .check import main as check_main
 

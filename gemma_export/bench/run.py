@@ -1,0 +1,65 @@
+"""Run one engine child and turn its report into figures: each child runs in its own process (its
+peak RSS is its own), on the same prompt ids, and the parent adds what each decode step must read
+(streamed.py) and the bound that the measured bandwidth puts on it (bandwidth.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .bandwidth import KvLayer, bound_tokens_per_second, mean_kv_bytes
+from .engines_setup import LABELS, EngineSetup
+
+CHILD_TIMEOUT_S = 1800
+
+
+def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, threads: int, repeat: int) -> dict:
+    """The child's JSON report; raises RuntimeError with the end of its stderr when it fails."""
+    spec = {"model": setup.model, "prompts": prompts, "new_tokens": new_tokens, "threads": threads, "repeat": repeat}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    try:
+        done = subprocess.run([setup.python, str(setup.script), f.name], capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"no answer in {CHILD_TIMEOUT_S} s") from None
+    finally:
+        os.unlink(f.name)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def add_bounds(report: dict, weight_bytes: int, kv_layers: list[KvLayer], kv_element_bytes: int,
+               bandwidth: float) -> dict:
+    """Per run: bytes one decode step reads (weights + KV at the run's mean context), the
+    bandwidth bound in tokens/s and the measured decode speed as a fraction of it."""
+    runs = []
+    for r in report["runs"]:
+        kv = mean_kv_bytes(kv_layers, r["prompt_tokens"], r["new_tokens"], kv_element_bytes)
+        per_token = weight_bytes + kv
+        bound = bound_tokens_per_second(bandwidth, per_token)
+        runs.append({**r, "kv_bytes_per_token": kv, "bytes_per_token": per_token, "bound_tps": bound,
+                     "fraction_of_bound": r["decode_tps"] / bound})
+    return {**report, "weight_bytes_per_token": weight_bytes, "kv_element_bytes": kv_element_bytes, "runs": runs}
+
+
+def agreement(ours: list[int], other: list[int]) -> int:
+    """How many leading greedy ids two engines share (same weights and prompt: they should
+    agree for a while; quantized weights part sooner)."""
+    n = 0
+    for a, b in zip(ours, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def engine_record(setup: EngineSetup, status: str, note: str = "", report: dict | None = None) -> dict:
+    return {"engine": setup.name, "label": LABELS[setup.name], "status": status, "note": note,
+            "python": setup.python, "model": setup.model, **(report or {})}
