@@ -20,7 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
@@ -255,6 +255,16 @@ class SafetensorsSource:
                 "quantized or integer checkpoints are not read"
             )
         return t.to(torch.float32).contiguous()
+
+    def row_blocks(self, name: str, rows_per_step: int) -> Iterator[torch.Tensor]:
+        """get(name) in blocks of rows, read by slice: a host table is never held whole."""
+        entry = self._entry(name)
+        handle = self._handle(entry.file).get_slice(name)
+        for start in range(0, entry.shape[0], rows_per_step):
+            block = handle[start:start + rows_per_step]
+            if not block.is_floating_point():
+                raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, not a float dtype")
+            yield block.to(torch.float32).contiguous()
 
 
 def _read_json(path: Path, what: str) -> dict:

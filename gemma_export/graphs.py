@@ -76,13 +76,23 @@ def example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[torc
 def export_decoder(decoder: TextDecoder, max_context: int, prefill_chunk: int) -> onnx.ModelProto:
     """The decoder as an optimized ONNX model (weights inside the proto; package.py writes them
     out as external data)."""
+    program = export_program(decoder, max_context, prefill_chunk)
+    program.optimize()
+    model = program.model_proto
+    name_chunk_dim(model)
+    return model
+
+
+def export_program(decoder: TextDecoder, max_context: int, prefill_chunk: int) -> torch.onnx.ONNXProgram:
+    """torch.onnx.export (dynamo) of the decoder, not yet optimized: stream_export.py swaps its
+    weights for lazy ones before the optimizer runs (`program.optimize()`, as optimize=True does)."""
     variant = decoder.variant
     args = example_inputs(variant, max_context, chunk=min(prefill_chunk, 4) if prefill_chunk > 1 else 2)
     chunk = torch.export.Dim(CHUNK_DIM, min=1, max=max(prefill_chunk, 2))
     dynamic = [{1: chunk}] + ([{1: chunk}] if variant.gemma3n else []) + [None] * (len(args) - 1 - bool(variant.gemma3n))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             _DecoderGraph(decoder),
             args,
             input_names=input_names(variant),
@@ -90,15 +100,12 @@ def export_decoder(decoder: TextDecoder, max_context: int, prefill_chunk: int) -
             dynamic_shapes=(tuple(dynamic),),  # one entry: forward takes *args
             opset_version=OPSET,
             dynamo=True,
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
-    model = program.model_proto
-    _name_chunk_dim(model)
-    return model
 
 
-def _name_chunk_dim(model: onnx.ModelProto) -> None:
+def name_chunk_dim(model: onnx.ModelProto) -> None:
     """The exporter names the symbolic dimension after its own symbol (s0, ...): call it T."""
     for value in list(model.graph.input) + list(model.graph.output):
         for dim in value.type.tensor_type.shape.dim:

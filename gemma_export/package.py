@@ -32,14 +32,15 @@ from gemma_runtime.manifest import (
 
 from . import __version__
 from .errors import ExportError
-from .graphs import OPSET, cache_names, export_decoder, input_names, output_names, save_with_external_data
+from .graphs import OPSET, cache_names, input_names, output_names
 from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
 from .recipes import Recipe, fp32
 from .resources import check_resources
+from .stream_export import export_streamed, write_decoder
 from .targets import load_target
 from .variants import SLIDING, Variant
-from .weights import TensorSource, load_decoder
+from .weights import TensorSource
 
 DECODER_GRAPH = "decoder.onnx"
 DECODER_DATA = "decoder.data"
@@ -210,18 +211,16 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
         # no tokenizer (random weights): nothing to calibrate on; the manifest's recipe says so
         plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, calibration=None))
     variant = plan.variant
-    check_resources(variant, out.parent)
+    check_resources(variant, out.parent, plan.recipe)
     with _staging_folder(out) as staging:
-        progress.expect_weights(len(plan.tensors.names()))
-        with progress.step("loading weights"):
-            decoder = load_decoder(variant, plan.max_context, plan.tensors, progress=progress.tick_weight)
+        # the graph is exported with no weight loaded; each weight is then read, (quantized,) written
+        # and dropped in turn (stream_export.py): the float model is never held, not even once
         with progress.step("exporting the decoder graph (torch.onnx, dynamo)"):
-            model = export_decoder(decoder, plan.max_context, plan.prefill_chunk)
-            del decoder
-        with progress.step(f"writing {DECODER_GRAPH} + {DECODER_DATA}"):
-            save_with_external_data(model, staging, DECODER_GRAPH, DECODER_DATA)
-            del model
-        report = _quantize_decoder(staging, plan.recipe, progress)
+            streamed = export_streamed(variant, plan.max_context, plan.prefill_chunk, plan.tensors)
+        progress.expect_weights(len(streamed.weights))
+        with progress.step(f"writing {DECODER_GRAPH} + {DECODER_DATA} (recipe {plan.recipe.name}), a weight at a time"):
+            report = write_decoder(streamed, staging, DECODER_GRAPH, DECODER_DATA, plan.recipe, progress.tick_weight)
+            del streamed
         graph_record = _run_graph_passes(staging, _graph_passes(plan), progress)
         encoder_graphs, hard_rows, encoders_record = {}, None, None
         if plan.encoders is not None:

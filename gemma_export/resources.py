@@ -32,21 +32,36 @@ def table_parameters(variant: Variant) -> int:
     return n
 
 
-def estimate(variant: Variant) -> tuple[int, int]:
-    """(bytes written to disk, peak bytes of memory) of an fp32 export.
+def largest_weight(variant: Variant) -> int:
+    """Elements of the largest single weight the decoder graph holds (the LM head, as a rule)."""
+    import torch
 
-    Memory: the float32 model, plus the exporter's copy of its initializers while it builds and
-    optimizes the ONNX model (measured: about 2x the model for the dynamo exporter), plus one
-    host table block.
+    from .model.text import TextDecoder
+
+    with torch.device("meta"):
+        model = TextDecoder(variant, 1)
+    return max(variant.vocab_size * variant.hidden_size, *(p.numel() for p in model.parameters()))
+
+
+def estimate(variant: Variant, recipe=None) -> tuple[int, int]:
+    """(bytes written to disk, peak bytes of memory) of an export under `recipe` (None: fp32).
+
+    Disk: float32 weights, or for a quantized recipe at most 2 bytes a decoder weight (8 bits and
+    their scales, the float "other" weights of Gemma 3n included) and int8 table rows.
+    Memory: the decoder is streamed (stream_export.py): one weight is made, transposed (a second
+    copy), quantized (codes as large again) and dropped at a time; plus the exporter's trace of the
+    graph and one host table block (about 2 GiB together, measured on E2B).
     """
-    decoder = decoder_parameters(variant) * _FLOAT
-    disk = decoder + table_parameters(variant) * _FLOAT
-    memory = 3 * decoder + GIB
-    return disk, memory
+    decoder_params = decoder_parameters(variant)
+    quantized = recipe is not None and recipe.changes_graph
+    decoder = decoder_params * (2 if quantized else _FLOAT)
+    tables = table_parameters(variant) * (1 if recipe is not None and recipe.tables == "int8" else _FLOAT)
+    memory = 3 * largest_weight(variant) * _FLOAT + 2 * GIB
+    return decoder + tables, memory
 
 
-def check_resources(variant: Variant, out_parent: Path) -> None:
-    disk_needed, memory_needed = estimate(variant)
+def check_resources(variant: Variant, out_parent: Path, recipe=None) -> None:
+    disk_needed, memory_needed = estimate(variant, recipe)
     parent = out_parent if out_parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
     if free < disk_needed * 1.05:

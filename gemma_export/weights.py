@@ -7,10 +7,11 @@ every destination gets exactly one tensor. Anything else is an error naming the 
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -117,9 +118,10 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None) -> TextDecoder:
-    """Build the export model on the meta device and fill it one tensor at a time, so peak
-    memory is the float32 model plus one tensor."""
+def decoder_sources(variant: Variant, max_context: int, tensors: TensorSource) -> tuple[TextDecoder, dict[str, Callable[[], torch.Tensor]]]:
+    """The export model on the meta device and, per parameter name, a function that makes its
+    float32 value from the checkpoint. Names and shapes are checked here; nothing is loaded, so a
+    caller can hold one weight at a time (load_decoder, or the streamed export in stream_export.py)."""
     with torch.device("meta"):
         model = TextDecoder(variant, max_context)
     names = tensors.names()
@@ -127,30 +129,58 @@ def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, prog
     check_names(wmap, names)
     norms = _norm_params(model)
     expected = dict(model.named_parameters())
+    sources: dict[str, Callable[[], torch.Tensor]] = {}
     for ckpt_name, param_name in wmap.params.items():
-        value = tensors.get(ckpt_name)
-        if tuple(value.shape) != tuple(expected[param_name].shape):
-            raise WeightMapError(
-                f"{ckpt_name} has shape {tuple(value.shape)}, the model expects {tuple(expected[param_name].shape)}"
-            )
-        if param_name in norms and variant.norm_shift:
-            value = value + variant.norm_shift  # the (1 + w) norm, folded once here
-        _set_param(model, param_name, value)
+        want = tuple(expected[param_name].shape)
+        if tuple(tensors.shape(ckpt_name)) != want:
+            raise WeightMapError(f"{ckpt_name} has shape {tuple(tensors.shape(ckpt_name))}, the model expects {want}")
+        shift = variant.norm_shift if param_name in norms else 0
+        sources[param_name] = functools.partial(_param_value, tensors, ckpt_name, want, shift)
+    head_shape = (variant.vocab_size, variant.hidden_size)
+    if tuple(tensors.shape(wmap.lm_head)) != head_shape:
+        raise WeightMapError(f"{wmap.lm_head} has shape {tuple(tensors.shape(wmap.lm_head))}, expected {head_shape}")
+    sources["lm_head_t"] = functools.partial(_lm_head_t, tensors, wmap.lm_head, head_shape)
+    return model.eval(), sources
+
+
+def _param_value(tensors: TensorSource, name: str, shape: tuple[int, ...], shift: float) -> torch.Tensor:
+    value = tensors.get(name)
+    if tuple(value.shape) != shape:
+        raise WeightMapError(f"{name} has shape {tuple(value.shape)}, the model expects {shape}")
+    return value + shift if shift else value  # the (1 + w) norm, folded once here
+
+
+def _lm_head_t(tensors: TensorSource, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    head = tensors.get(name)
+    if tuple(head.shape) != shape:
+        raise WeightMapError(f"{name} has shape {tuple(head.shape)}, expected {shape}")
+    return head.t().contiguous()
+
+
+def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None) -> TextDecoder:
+    """Build the export model on the meta device and fill it one tensor at a time, so peak
+    memory is the float32 model plus one tensor."""
+    model, sources = decoder_sources(variant, max_context, tensors)
+    for param_name, make in sources.items():
+        _set_param(model, param_name, make())
         if progress:
-            progress(ckpt_name)
-    head = tensors.get(wmap.lm_head)
-    if tuple(head.shape) != (variant.vocab_size, variant.hidden_size):
-        raise WeightMapError(f"{wmap.lm_head} has shape {tuple(head.shape)}, expected {(variant.vocab_size, variant.hidden_size)}")
-    _set_param(model, "lm_head_t", head.t().contiguous())
-    del head
+            progress(param_name)
     return model.eval()
 
 
 def table_rows(tensors: TensorSource, wmap_table: str, scale: float, rows_per_step: int = 16384) -> Iterator[torch.Tensor]:
-    """A host table's rows, multiplied by its embedding scale, in blocks (bounded memory)."""
-    table = tensors.get(wmap_table)
+    """A host table's rows, multiplied by its embedding scale, in blocks (bounded memory). Sources
+    with `row_blocks` (random weights, safetensors) never hold the whole table (E2B's per-layer
+    table is 8 GB in float32)."""
+    row_blocks = getattr(tensors, "row_blocks", None)
+    blocks = row_blocks(wmap_table, rows_per_step) if row_blocks is not None else _sliced(tensors.get(wmap_table), rows_per_step)
+    for block in blocks:
+        yield block * scale
+
+
+def _sliced(table: torch.Tensor, rows_per_step: int) -> Iterator[torch.Tensor]:
     for start in range(0, table.shape[0], rows_per_step):
-        yield table[start:start + rows_per_step] * scale
+        yield table[start:start + rows_per_step]
 
 
 class RandomTensors:
@@ -176,6 +206,17 @@ class RandomTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def _generator(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed(zlib.crc32(f"{self._seed}:{name}".encode()))
+
     def get(self, name: str) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}:{name}".encode()))
-        return torch.randn(self._shapes[name], generator=gen) * 0.02
+        return torch.randn(self._shapes[name], generator=self._generator(name)) * 0.02
+
+    def row_blocks(self, name: str, rows_per_step: int) -> Iterator[torch.Tensor]:
+        """get(name) in blocks of rows, equal to its slices: one generator drawn in order, each
+        block (but the last) a multiple of 16 values (torch's normal sampler fills 16 at a time)."""
+        shape = self._shapes[name]
+        step = max(16, rows_per_step - rows_per_step % 16)
+        gen = self._generator(name)
+        for start in range(0, shape[0], step):
+            yield torch.randn((min(step, shape[0] - start), *shape[1:]), generator=gen) * 0.02

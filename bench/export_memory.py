@@ -1,0 +1,72 @@
+"""Peak memory of `gemma-export` per recipe, against the size of the model's float32 weights.
+
+The decoder is streamed (gemma_export/stream_export.py): the graph is exported with no weight
+loaded and each weight is made, quantized and written in turn; host tables are written by row
+blocks. Peak RSS should stay near a few copies of the largest tensor, not the model.
+
+    .venv/bin/python bench/export_memory.py --variant gemma3-270m --random-weights --recipes fp32,int4
+    .venv/bin/python bench/export_memory.py --variant e2b --random-weights --recipes int4   # ~30 min, 2 cores
+
+Each export runs in its own process (peak RSS from wait4, the same figure as /usr/bin/time -v).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+def _float_bytes(variant_name: str) -> tuple[int, int]:
+    """(float32 bytes of the decoder weights, of the host tables) of a named variant."""
+    from gemma_export.resources import decoder_parameters, largest_weight, table_parameters
+    from gemma_export.variants import named_variant, variant_from_config
+
+    variant = variant_from_config(named_variant(variant_name).config, expected=variant_name)
+    return decoder_parameters(variant) * 4 + table_parameters(variant) * 4, largest_weight(variant) * 4
+
+
+def _run(args: list[str]) -> tuple[int, float, int]:
+    """(exit code, seconds, peak RSS bytes) of one export in a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_export.cli", *args], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # kB on Linux
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", default="gemma3-270m")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--recipes", default="fp32,int4")
+    ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=None, help="parent folder of the exports (default: a temp dir, removed)")
+    a = ap.parse_args()
+    weights, largest = _float_bytes(a.variant)
+    parent = a.out or Path(tempfile.mkdtemp(prefix="export-memory-"))
+    print(f"{a.variant}: float32 weights {weights / GIB:.2f} GiB (largest tensor {largest / GIB:.2f} GiB)")
+    print(f"{'recipe':8} {'peak RSS GiB':>12} {'/ weights':>9} {'/ largest':>9} {'out GiB':>8} {'seconds':>8}")
+    try:
+        for recipe in a.recipes.split(","):
+            out = parent / f"{a.variant}-{recipe}"
+            args = ["--variant", a.variant, "--quant", recipe, "--max-context", str(a.max_context), "--quiet", str(out)]
+            rc, seconds, peak = _run(args + (["--random-weights"] if a.random_weights else []))
+            size = sum(p.stat().st_size for p in out.iterdir()) if rc == 0 else 0
+            print(f"{recipe:8} {peak / GIB:12.2f} {peak / weights:9.2f} {peak / largest:9.2f} {size / GIB:8.2f} {seconds:8.0f}"
+                  + ("" if rc == 0 else f"  (exit {rc})"), flush=True)
+    finally:
+        if a.out is None:
+            shutil.rmtree(parent, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
