@@ -298,3 +298,31 @@ def test_gemma_run_with_audio(built, media, tmp_path, capsys):
     capsys.readouterr()
     assert main([str(built[1]), "--image", str(tmp_path / "missing.png"), "w40"]) == 2
     assert "image file not found" in capsys.readouterr().err
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_int8_encoders_keep_the_soft_embeddings(built, runtime, media, tmp_path):
+    """The int8 recipe rewrites both encoders (MatMulNBits 8-bit MatMuls, int8 per-channel Conv
+    kernels): a quarter of the vision weights on disk, and soft embeddings within cosine 0.995 of
+    fp32. Random weights are a weaker check than the released ones (no outlier channels); the
+    figures on real photos and speech are in bench/vision_latency.py and bench/audio_latency.py."""
+    from gemma_export.package import requantize_export
+    from gemma_export.recipes import make_recipe
+    from gemma_runtime import Model
+
+    _, out, *_ = built
+    image, clip = media
+    manifest = requantize_export(out, tmp_path / "int8", make_recipe("int8"))
+    encoders = manifest.provenance["encoders"]
+    assert encoders["vision"]["format"].startswith("int8") and encoders["audio"]["conv"] == "int8/channel/qdq"
+    assert (tmp_path / "int8" / "vision.data").stat().st_size < 0.3 * (out / "vision.data").stat().st_size
+    quantized = Model.load(tmp_path / "int8")
+    for kind, item in (("image", image), ("audio", clip)):
+        encode = "encode_image" if kind == "image" else "encode_audio"
+        ref, got = getattr(runtime._media, encode)(item), getattr(quantized._media, encode)(item)
+        assert got.shape == ref.shape
+        assert _cosine(ref, got) >= 0.995, kind
+        assert _cosine(ref, got) < 1 - 1e-7, f"{kind}: the int8 graph gives the float output (nothing quantized?)"
