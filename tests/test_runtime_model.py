@@ -278,8 +278,9 @@ def record_logits(monkeypatch):
     [Fake(), Fake(per_layer=(2, 3, 20), seed=1), Fake(int8_embed=True, seed=2)],
     ids=["gemma3-like", "gemma3n-per-layer", "int8-embed-table"],
 )
-def test_generate_ids_matches_reference(tmp_path, monkeypatch, fake):
-    model = Model.load(fake.write(tmp_path / "out"))
+@pytest.mark.parametrize("io_binding", [True, False], ids=["bound", "feeds"])
+def test_generate_ids_matches_reference(tmp_path, monkeypatch, fake, io_binding):
+    model = Model.load(fake.write(tmp_path / "out"), io_binding=io_binding)
     # 12 tokens: chunks of 5, 5 and a padded 2; generation wraps the 4-slot ring several times.
     prompt = [BOS, 25, 7, 30, 21, 3, 9, 28, 14, 22, 5, 31]
     seen = record_logits(monkeypatch)
@@ -294,6 +295,20 @@ def test_generate_ids_matches_reference(tmp_path, monkeypatch, fake):
     assert stats.time_to_first_token >= stats.prefill_seconds > 0 and stats.decode_seconds > 0
     # A second call starts from a clean cache: same answer.
     assert model.generate_ids(prompt, max_new_tokens=10) == want
+
+
+def test_decode_steps_reuse_the_bound_buffers(tmp_path, monkeypatch):
+    """The IOBinding loop hands onnxruntime the same memory every step: the logits buffer, the
+    KV cache buffers (never replaced, written in place) and no per-step allocation of either."""
+    model = Model.load(Fake(per_layer=(2, 3, 20)).write(tmp_path / "out"))
+    cache = model._cache.keys + model._cache.values
+    pointers = [b.ctypes.data for b in cache]
+    seen = []  # the logits arrays themselves (kept alive, so a fresh array per step would differ)
+    real = model_module.greedy
+    monkeypatch.setattr(model_module, "greedy", lambda logits: seen.append(logits) or real(logits))
+    model.generate_ids([BOS, 25, 7, 30, 21, 3, 9, 28], max_new_tokens=6)
+    assert len(seen) == 6 and all(logits is seen[0] for logits in seen)
+    assert [b.ctypes.data for b in model._cache.keys + model._cache.values] == pointers
 
 
 def test_stop_token_ends_generation(tmp_path):

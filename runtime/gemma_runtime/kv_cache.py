@@ -2,7 +2,8 @@
 
 One preallocated float32 buffer pair per CacheSpec, [1, kv_heads, length, head_dim]. The
 buffers are handed to onnxruntime as they are (contiguous float32 numpy arrays are wrapped,
-not copied), and the graph's new rows are written here after each run.
+not copied; decoder_binding.py binds them once), and the graph's new rows are written here
+after each run, in place: the buffers are never replaced, since a binding points at them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class KVCache:
                 raise ManifestError(f"cache of layer {spec.layer}: sizes must be positive, got {spec}")
         self.specs = tuple(specs)
         shapes = [(1, s.kv_heads, s.length, s.head_dim) for s in self.specs]
-        self.keys = [np.zeros(shape, dtype=np.float32) for shape in shapes]
-        self.values = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+        self.keys = tuple(np.zeros(shape, dtype=np.float32) for shape in shapes)
+        self.values = tuple(np.zeros(shape, dtype=np.float32) for shape in shapes)
 
     def reset(self) -> None:
         # Stale rows are masked by position in the graph, but zeros keep runs reproducible.
@@ -71,7 +72,9 @@ class KVCache:
         # Ring: only the last `length` valid rows survive; writing earlier ones would be
         # overwritten anyway (and the graph already used them inside the chunk).
         n = min(valid, spec.length)
-        first = position + valid - n
-        slots = (first + np.arange(n)) % spec.length
-        self.keys[index][:, :, slots] = new_key[:, :, valid - n : valid]
-        self.values[index][:, :, slots] = new_value[:, :, valid - n : valid]
+        slot = (position + valid - n) % spec.length
+        head = min(n, spec.length - slot)  # rows up to the ring's end, the rest wrap to slot 0
+        for buf, new in ((self.keys[index], new_key), (self.values[index], new_value)):
+            buf[:, :, slot : slot + head] = new[:, :, valid - n : valid - n + head]
+            if head < n:
+                buf[:, :, : n - head] = new[:, :, valid - n + head : valid]

@@ -3,6 +3,8 @@
 The decoder graph's chunk dimension T is symbolic: prefill runs it with T = prefill_chunk (the
 last, shorter chunk unpadded; padded to T with `valid` = real count where T is static) and decode
 with T = 1, so prefill and decode share one session and one in-memory copy of the weights.
+Inputs and outputs are bound once to preallocated buffers (decoder_binding.py): a decode step
+copies neither the KV cache nor the weights and allocates nothing.
 Sampling: sampling.py; chat template: chat_template.py; KV reuse across calls: prompt_cache.py;
 providers: providers.py; sessions and the optimized-graph cache: session_cache.py.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .chat_template import ChatTemplate, read_template
+from .decoder_binding import DecoderBinding
 from .detokenize import StreamDecoder
 from .errors import (
     ContextLengthError,
@@ -93,7 +96,7 @@ class Model:
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
                  embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
                  defaults: GenerationDefaults | None = None, session_source: str = "graph",
-                 threads: int | None = None):
+                 threads: int | None = None, io_binding: bool = True):
         # Use Model.load: it checks the folder before anything is built.
         self.folder = folder
         self.manifest = manifest
@@ -107,6 +110,13 @@ class Model:
         self._cache = KVCache(manifest.caches)
         self._prompt_cache = PromptCache(self._cache, manifest.sliding_window)
         self._outputs = ["logits", *self._cache.output_names()]
+        # io_binding=False: plain session.run with a feed dict and fresh outputs per step (the
+        # loop before IOBinding, kept for benchmarks: bench/decode_profile.py --loop feeds).
+        self._binding = None
+        if io_binding:
+            pli = manifest.per_layer_inputs
+            self._binding = DecoderBinding(session, self._cache, manifest.hidden_size, manifest.vocab_size,
+                                           manifest.prefill_chunk, None if pli is None else (pli.num_layers, pli.dim))
         self._stop = frozenset(manifest.tokens.stop)
         self._tokenizer = None
         self._template: ChatTemplate | None = None
@@ -120,11 +130,12 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
-             graph_cache: bool = False) -> "Model":
+             graph_cache: bool = False, io_binding: bool = True) -> "Model":
         """provider: cpu | cuda | openvino | qnn | dml | coreml (or onnxruntime's own name);
         default: the first of the export target's providers that this onnxruntime has.
         graph_cache: keep onnxruntime's optimized graph in the runtime's cache folder
-        (~/.cache/gemma_runtime or $GEMMA_RUNTIME_CACHE_DIR)."""
+        (~/.cache/gemma_runtime or $GEMMA_RUNTIME_CACHE_DIR). io_binding=False: the plain
+        session.run loop instead of the bound buffers (for comparison benchmarks)."""
         folder = Path(path)
         manifest = read_manifest(folder)
         _check_manifest(manifest)
@@ -147,7 +158,7 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
-        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads)
+        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next call prefills from scratch."""
@@ -396,31 +407,58 @@ class Model:
     def _step(self, ids: np.ndarray, position: int, chunk: int) -> np.ndarray:
         """Run the decoder on up to `chunk` ids starting at `position`; store their KV rows.
         For callers that drive the cache themselves (parity tests): the remembered cached ids
-        are forgotten, so a later reuse_cache call prefills from scratch."""
+        are forgotten, so a later reuse_cache call prefills from scratch. Returns a copy (the
+        loop's logits buffer is overwritten by the next step)."""
         self._prompt_cache.invalidate()
-        return self._forward(ids, position, chunk)
+        return self._forward(ids, position, chunk).copy()
 
     def _forward(self, ids: np.ndarray, position: int, chunk: int, soft=None) -> np.ndarray:
+        """Logits [1, V] of the last valid id; the KV rows of the valid ids are stored. With
+        IOBinding the logits are the binding's buffer, valid until the next call."""
+        if self._binding is None:
+            return self._forward_feeds(ids, position, chunk, soft)
         valid = int(ids.size)
-        hidden = self.manifest.hidden_size
-        # Padding rows are zeros: finite, and the graph masks them by `valid`.
-        embeds = np.zeros((1, chunk, hidden), dtype=np.float32)
-        embeds[0, :valid] = self._embed.lookup(ids)
+        io = self._binding.chunk(chunk)
+        self._fill_inputs(ids, position, soft, io.embeds, io.per_layer)
+        io.position[0] = position
+        io.valid[0] = valid
+        self._binding.run(io)
+        for index in range(len(self._cache.specs)):
+            self._cache.write(index, io.new_keys[index], io.new_values[index], position, valid)
+        return io.logits
+
+    def _fill_inputs(self, ids: np.ndarray, position: int, soft, embeds: np.ndarray,
+                     per_layer: np.ndarray | None) -> None:
+        """Host rows of `ids` into embeds [1,T,H] (and per_layer [1,T,L,P]), in place; padding
+        rows are zeros: finite, and the graph masks them by `valid`."""
+        valid = int(ids.size)
+        self._embed.lookup(ids, out=embeds[0, :valid])
+        embeds[0, valid:] = 0.0
         if soft is not None:  # encoder outputs at the placeholder positions of this chunk
             positions, rows = soft
             here = (positions >= position) & (positions < position + valid)
             embeds[0, positions[here] - position] = rows[here]
+        if per_layer is not None:
+            flat = per_layer.reshape(per_layer.shape[1], -1)  # a view: the buffer is contiguous
+            self._per_layer.lookup(ids, out=flat[:valid])
+            flat[valid:] = 0.0
+
+    def _forward_feeds(self, ids: np.ndarray, position: int, chunk: int, soft=None) -> np.ndarray:
+        valid = int(ids.size)
+        embeds = np.empty((1, chunk, self.manifest.hidden_size), dtype=np.float32)
+        per_layer = None
+        if self._per_layer is not None:
+            pli = self.manifest.per_layer_inputs
+            per_layer = np.empty((1, chunk, pli.num_layers, pli.dim), dtype=np.float32)
+        self._fill_inputs(ids, position, soft, embeds, per_layer)
         feeds = {
             "inputs_embeds": embeds,
             "position": np.array([position], dtype=np.int64),
             "valid": np.array([valid], dtype=np.int64),
             **self._cache.feeds(),
         }
-        if self._per_layer is not None:
-            pli = self.manifest.per_layer_inputs
-            rows = np.zeros((1, chunk, pli.num_layers, pli.dim), dtype=np.float32)
-            rows[0, :valid] = self._per_layer.lookup(ids).reshape(valid, pli.num_layers, pli.dim)
-            feeds["per_layer_inputs"] = rows
+        if per_layer is not None:
+            feeds["per_layer_inputs"] = per_layer
         logits, *new_rows = self._session.run(self._outputs, feeds)
         for index in range(len(self._cache.specs)):
             self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)

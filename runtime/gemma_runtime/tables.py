@@ -68,8 +68,9 @@ class HostTableReader:
     def cols(self) -> int:
         return int(self.spec.shape[1])
 
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Rows for `ids` (1-D int) as float32 [len(ids), cols]."""
+    def lookup(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows for `ids` (1-D int) as float32 [len(ids), cols], written into `out` when given
+        (the decode loop's preallocated inputs_embeds rows: no allocation per step)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.row0_from is not None:
             ids = np.where(ids >= self.row0_from, 0, ids)
@@ -77,7 +78,14 @@ class HostTableReader:
         if ids.size and (ids.min() < 0 or ids.max() >= rows):
             bad = int(ids[(ids < 0) | (ids >= rows)][0])
             raise ValueError(f"token id {bad} is outside table {self.name!r} ({rows} rows)")
-        out = np.asarray(self.data[ids], dtype=np.float32)
+        if out is None:
+            out = np.empty((ids.size, self.cols), dtype=np.float32)
+        elif out.shape != (ids.size, self.cols) or out.dtype != np.float32:
+            raise ValueError(f"table {self.name!r}: out must be float32 {(ids.size, self.cols)}, got {out.dtype} {out.shape}")
+        if self.data.dtype == np.float32:
+            np.take(self.data, ids, axis=0, out=out)  # straight from the memory map into `out`
+        else:
+            np.copyto(out, self.data[ids])  # int8/float16 rows: converted on the way
         if self.scales is not None:
             out *= np.asarray(self.scales[ids], dtype=np.float32)[:, None]
         return out

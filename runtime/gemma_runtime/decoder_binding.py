@@ -1,0 +1,108 @@
+"""The decoder's inputs and outputs bound once to buffers allocated once (onnxruntime IOBinding).
+
+    host                                   onnxruntime session (one, any T)
+    embeds [1,T,H]   (filled in place) ─┐
+    per_layer [1,T,L,P] (Gemma 3n)     ─┤
+    position [1], valid [1]            ─┼─>  decoder  ─┬─> logits [1,V]          (buffer)
+    KVCache.keys/values [1,kvh,S,hd]   ─┘              └─> new_key/new_value.N   (buffers
+      (bound as they are, no copy; the new rows are          [1,kvh,T,hd])
+       written into them between runs)
+
+Every buffer is sized for the largest chunk (the prefill chunk) and allocated when the binding
+is made; a chunk of T tokens binds views of their first T rows. One IOBinding per T seen (1 for
+decode, the prefill chunk, the last short chunk of a prompt): binding objects are small, the
+memory behind them is shared. A decode step then allocates nothing, copies no cache and hands
+onnxruntime the same pointers every time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class ChunkIO:
+    """The buffers of one chunk length T (views; filled and read in place)."""
+
+    embeds: np.ndarray  # [1, T, H]
+    per_layer: np.ndarray | None  # [1, T, L, P]
+    position: np.ndarray  # [1] int64
+    valid: np.ndarray  # [1] int64
+    logits: np.ndarray  # [1, V]
+    new_keys: tuple[np.ndarray, ...]  # per cache [1, kvh, T, hd]
+    new_values: tuple[np.ndarray, ...]
+    binding: ort.IOBinding
+
+
+def _prefix(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A C-contiguous view of the first prod(shape) elements of a flat buffer."""
+    return flat[: int(np.prod(shape))].reshape(shape)
+
+
+class DecoderBinding:
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, hidden: int, vocab: int,
+                 max_chunk: int, per_layer: tuple[int, int] | None = None):
+        self._session = session
+        self._cache = cache
+        self._hidden = hidden
+        self._per_layer_dims = per_layer
+        self.max_chunk = max_chunk
+        self._embeds = np.zeros(max_chunk * hidden, dtype=np.float32)
+        self._per_layer = None if per_layer is None else np.zeros(max_chunk * per_layer[0] * per_layer[1], np.float32)
+        self._position = np.zeros(1, dtype=np.int64)
+        self._valid = np.zeros(1, dtype=np.int64)
+        self._logits = np.zeros((1, vocab), dtype=np.float32)
+        self._new = [
+            (np.zeros(max_chunk * s.kv_heads * s.head_dim, np.float32),
+             np.zeros(max_chunk * s.kv_heads * s.head_dim, np.float32))
+            for s in cache.specs
+        ]
+        self._chunks: dict[int, ChunkIO] = {}
+
+    def chunk(self, t: int) -> ChunkIO:
+        """The buffers and binding for T = t (made on first use)."""
+        io = self._chunks.get(t)
+        if io is None:
+            if not 1 <= t <= self.max_chunk:
+                raise ValueError(f"chunk length {t} is outside 1..{self.max_chunk}")
+            io = self._chunks[t] = self._bind(t)
+        return io
+
+    def _bind(self, t: int) -> ChunkIO:
+        binding = self._session.io_binding()
+        embeds = _prefix(self._embeds, (1, t, self._hidden))
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        per_layer = None
+        if self._per_layer is not None:
+            per_layer = _prefix(self._per_layer, (1, t, *self._per_layer_dims))
+            binding.bind_cpu_input("per_layer_inputs", per_layer)
+        binding.bind_cpu_input("position", self._position)
+        binding.bind_cpu_input("valid", self._valid)
+        _bind_output(binding, "logits", self._logits)
+        new_keys, new_values = [], []
+        for spec, key, value, (new_key, new_value) in zip(self._cache.specs, self._cache.keys, self._cache.values,
+                                                          self._new):
+            binding.bind_cpu_input(spec.past_key, key)
+            binding.bind_cpu_input(spec.past_value, value)
+            shape = (1, spec.kv_heads, t, spec.head_dim)
+            new_keys.append(_prefix(new_key, shape))
+            new_values.append(_prefix(new_value, shape))
+            _bind_output(binding, spec.new_key, new_keys[-1])
+            _bind_output(binding, spec.new_value, new_values[-1])
+        return ChunkIO(embeds, per_layer, self._position, self._valid, self._logits,
+                       tuple(new_keys), tuple(new_values), binding)
+
+    def run(self, io: ChunkIO) -> None:
+        self._session.run_with_iobinding(io.binding)
+
+
+def _bind_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    # onnxruntime writes the output into this memory; the array must outlive the binding
+    # (DecoderBinding holds the flat buffers for its own lifetime).
+    assert array.flags.c_contiguous and array.dtype == np.float32
+    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
