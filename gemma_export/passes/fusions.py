@@ -212,7 +212,7 @@ _LINEAR_PASSTHROUGH = {("", "Transpose"), ("", "Reshape"), (MS_DOMAIN, "RotaryEm
 
 
 def fold_attention_scale(model: ir.Model) -> int:
-    """Queries that come from a norm with a constant scale w (Gemma 3's q_norm) and whose every
+    r"""Queries that come from a norm with a constant scale w (Gemma 3's q_norm) and whose every
     score MatMul is followed by the same scalar c (1/sqrt(query_pre_attn_scalar)): w becomes w * c
     and the score Muls go away. Rope, Transpose and Reshape are linear, so the scores are the same
     up to rounding. Returns the number of norms changed.

@@ -59,6 +59,20 @@ def parse_graph_passes(text: str) -> tuple[str, ...]:
     return names
 
 
+def passes_for_target(text: str, target_name: str) -> tuple[str, ...]:
+    """`--graph-passes` checked against the target: contrib-op passes need a provider that takes
+    onnxruntime's com.microsoft ops (targets/*.toml [ops] domains)."""
+    from ..targets import load_target
+
+    names = parse_graph_passes(text)
+    target = load_target(target_name)
+    contrib = [n for n in names if GRAPH_PASSES[n].contrib_ops]
+    if contrib and "com.microsoft" not in target.ops.domains:
+        raise ExportError(f"--graph-passes {', '.join(contrib)} write onnxruntime contrib ops, which target "
+                          f"{target_name}'s provider does not take")
+    return names
+
+
 def check_graph_passes(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in GRAPH_PASSES]
     if unknown:
