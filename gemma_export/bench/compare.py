@@ -91,19 +91,21 @@ def _source(manifest) -> Path | None:
     return Path(source) if source and Path(source).exists() else None
 
 
-def setups(args: argparse.Namespace, manifest) -> dict[str, EngineSetup]:
+def setup_for(name: str, args: argparse.Namespace, manifest) -> EngineSetup:
+    """Decided just before the engine runs (an engine installed meanwhile is picked up)."""
     source = _source(manifest)
+    if name == "ours":
+        return setup_engine("ours", args.out, None, "")
+    if name not in args.engines:
+        return EngineSetup(name, None, None, "not in --engines")
+    if name == "eager":
+        return setup_engine("eager", args.eager_source or source, None,
+                            "OUT records no source checkpoint on this machine: give --eager-source")
+    if name == "genai":
+        return setup_engine("genai", args.genai, args.genai_python,
+                            "no --genai DIR given (an onnxruntime-genai model folder, e.g. from bench/build_genai.py)")
     gguf = args.gguf or (source if source is not None and source.suffix == ".gguf" else None)
-    chosen = {
-        "ours": setup_engine("ours", args.out, None, ""),
-        "eager": setup_engine("eager", args.eager_source or source, None,
-                              "OUT records no source checkpoint on this machine: give --eager-source"),
-        "genai": setup_engine("genai", args.genai, args.genai_python,
-                              "no --genai DIR given (an onnxruntime-genai model folder, e.g. from bench/build_genai.py)"),
-        "llama": setup_engine("llama", gguf, args.llama_python, "no --gguf given and OUT's source is not a GGUF file"),
-    }
-    return {n: s if n == "ours" or n in args.engines else EngineSetup(n, None, s.model, "not in --engines")
-            for n, s in chosen.items()}
+    return setup_engine("llama", gguf, args.llama_python, "no --gguf given and OUT's source is not a GGUF file")
 
 
 def streamed_weights(name: str, setup: EngineSetup, report: dict, manifest, out: Path) -> tuple[Streamed, int]:
@@ -124,7 +126,8 @@ def streamed_weights(name: str, setup: EngineSetup, report: dict, manifest, out:
 def run_engines(args, manifest, prompts, bandwidth) -> dict:
     kv_layers = [KvLayer(c.kv_heads, c.head_dim, c.length if c.kind == "sliding" else None) for c in manifest.caches]
     records = {}
-    for name, setup in setups(args, manifest).items():
+    for name in ENGINES:
+        setup = setup_for(name, args, manifest)
         if setup.skipped:
             print(f"bench: {LABELS[name]}: skipped: {setup.skipped}", file=sys.stderr)
             records[name] = engine_record(setup, "skipped", setup.skipped)

@@ -46,8 +46,18 @@ def read_spec() -> Spec:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set in bytes: VmHWM, which starts afresh at exec. Not
+    ru_maxrss: Linux carries it over fork and exec, so a child would report its parent's peak
+    (the parent's bandwidth buffer) wherever that is larger."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    # no /proc (macOS, BSD): ru_maxrss, in bytes on macOS and KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def time_stream(prompt_tokens: int, tokens: Callable[[], Iterator[int]]) -> Run:

@@ -37,4 +37,5 @@ def generate(prompt, n):
 
 
 _child.report(load_s, _child.measure(spec, generate), engine="eager", weight_bytes_per_token=streamed,
+              kv_element_bytes=embed.element_size(),  # the cache holds the model dtype
               tied_lm_head=tied, torch=torch.__version__, attn_implementation=model.config._attn_implementation)
