@@ -28,12 +28,13 @@ streamed = sum(params.values()) - (0 if tied else embed.numel() * embed.element_
 
 @torch.no_grad()
 def generate(prompt, n):
-    out = model(torch.tensor([prompt]), use_cache=True)
+    # logits_to_keep=1: the LM head on the last position only, as transformers' generate does
+    out = model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
     for i in range(n):
         token = out.logits[0, -1].argmax()
         yield int(token)
         if i + 1 < n:
-            out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
 
 
 _child.report(load_s, _child.measure(spec, generate), engine="eager", weight_bytes_per_token=streamed,
