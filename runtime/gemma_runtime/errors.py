@@ -37,5 +37,17 @@ class UnsupportedContentError(InvalidArgumentError):
     """A message part (image, audio) or an input this runtime cannot handle yet."""
 
 
+class ImageError(InvalidArgumentError):
+    """An image cannot be read (missing, unreadable, truncated, not an image) or processed."""
+
+
+class AudioError(InvalidArgumentError):
+    """Audio that cannot be read or used: unreadable, empty, silent, too long, bad sample rate."""
+
+
+class MediaError(InvalidArgumentError):
+    """Images or audio that do not fit the prompt (placeholder counts) or the export's encoders."""
+
+
 class ChatTemplateError(GemmaRuntimeError):
     """The chat template cannot be read or rendered for these messages."""

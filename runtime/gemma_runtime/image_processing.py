@@ -25,11 +25,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import GemmaRuntimeError
-
-
-class ImageError(GemmaRuntimeError):
-    """An image cannot be read (missing, unreadable, truncated, not an image) or processed."""
+from .errors import ImageError
 
 
 ImageInput = Union[str, os.PathLike, "PIL.Image.Image"]  # noqa: F821 - PIL is imported lazily

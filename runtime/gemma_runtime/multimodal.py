@@ -19,15 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgumentError, UnsupportedContentError
+from .errors import InvalidArgumentError, MediaError, UnsupportedContentError
 from .manifest import Manifest
 
 KINDS = ("image", "audio")
 _GRAPH = {"image": "vision", "audio": "audio"}
-
-
-class MediaError(InvalidArgumentError):
-    """Images or audio that do not fit the prompt (placeholder counts) or cannot be used."""
 
 
 def as_list(items, kind: str) -> list:
