@@ -40,7 +40,8 @@ def write_plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     ax = axes[2]
-    ax.bar([e["label"] for e in engines.values()], [e["peak_rss"] / 2**20 for e in engines.values()])
+    ax.bar([e["label"] for e in engines.values()], [e["peak_rss"] / 2**20 for e in engines.values()],
+           color=[f"C{i}" for i in range(len(engines))])  # the same colour per engine as the other panels
     ax.set_title("peak RSS MiB")
     s, m = result["settings"], result["machine"]
     fig.suptitle(f"{s['family']} {s['quant']}: {s['threads']} threads, read bandwidth {m['read_bandwidth'] / 1e9:.1f} GB/s")
