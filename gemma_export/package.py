@@ -203,6 +203,10 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
+    if load_target(plan.target).static_shapes:  # NPU targets: static QDQ prefill/decode graphs
+        from .npu_export import write_npu_export
+
+        return write_npu_export(plan, out, progress)
     out = Path(out)
     check_out_folder(out)
     if plan.recipe.calibration is not None:

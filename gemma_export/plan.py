@@ -36,9 +36,10 @@ class ExportRequest:
     text_only: bool = False  # Gemma3nForConditionalGeneration: skip the vision and audio encoders
 
 
-# What this version builds: one decoder graph (symbolic chunk) with float or MatMulNBits weights.
-# Targets that need static prefill/decode graphs or QDQ weights (qnn-htp, coreml, openvino) are
-# described in targets/ but refused here until their build exists.
+# What this version builds: one decoder graph (symbolic chunk) with float or MatMulNBits weights,
+# or static QDQ prefill/decode graphs (npu_export.py). Targets that need static float graphs
+# (coreml) or a QDQ symbolic-chunk graph (openvino) are described in targets/ but refused here
+# until their build exists.
 BUILT_WEIGHT_FORMATS = ("float", "matmulnbits")
 
 
@@ -55,8 +56,9 @@ def _apply_target(req: ExportRequest) -> tuple[ExportRequest, Target]:
 
 def unbuilt_features(target: Target) -> list[str]:
     """What `target` asks for that this version's export does not build."""
-    return ((["static prefill/decode graphs"] if target.static_shapes else [])
-            + (["QDQ weights"] if target.weights.format not in BUILT_WEIGHT_FORMATS else []))
+    if target.static_shapes:
+        return [] if target.weights.format == "qdq" else [f"static prefill/decode graphs with {target.weights.format} weights"]
+    return [] if target.weights.format in BUILT_WEIGHT_FORMATS else [f"{target.weights.format} weights in one decoder graph"]
 
 
 def _check_request(req: ExportRequest) -> None:

@@ -132,7 +132,7 @@ def test_cpu_target_defaults_and_refused_targets(tiny):
     assert manifest["target"] == "cpu" and manifest["providers"] == ["cpu"]
     from gemma_export.plan import ExportRequest, make_plan
 
-    with pytest.raises(ExportError, match="--target coreml needs static prefill/decode graphs"):
+    with pytest.raises(ExportError, match="--target coreml needs static prefill/decode graphs with float weights"):
         make_plan(ExportRequest(checkpoint=str(tiny.checkpoint("gemma3_sw8")), target="coreml"))
 
 

@@ -91,10 +91,14 @@ def two_block_attention(q, k_past, v_past, k_new, v_new, past_mask, new_mask, sc
     if softcap is not None:
         scores_past = torch.tanh(scores_past / softcap) * softcap
         scores_new = torch.tanh(scores_new / softcap) * softcap
-    neg = torch.tensor(float("-inf"))
     # [T,S] masks broadcast over the group axis: view scores as [1,KV,G,T,*]
-    scores_past = torch.where(past_mask, scores_past.reshape(1, kv_heads, groups, chunk, cache_len), neg)
-    scores_new = torch.where(new_mask, scores_new.reshape(1, kv_heads, groups, chunk, -1), neg)
+    scores_past = scores_past.reshape(1, kv_heads, groups, chunk, cache_len)
+    scores_new = scores_new.reshape(1, kv_heads, groups, chunk, -1)
+    if past_mask.dtype == torch.bool:
+        neg = torch.tensor(float("-inf"))
+        scores_past, scores_new = torch.where(past_mask, scores_past, neg), torch.where(new_mask, scores_new, neg)
+    else:  # additive float masks from the host (NPU graphs, model/npu_text.py): no -inf in the graph
+        scores_past, scores_new = scores_past + past_mask, scores_new + new_mask
     probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1)
     probs = probs.reshape(1, kv_heads, groups * chunk, -1)
     out = torch.matmul(probs[..., :cache_len], v_past) + torch.matmul(probs[..., cache_len:], v_new)

@@ -98,8 +98,10 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
 # ---- plugin execution providers -----------------------------------------------------------------
 
 _REGISTERED: set[str] = set()
-# options a plugin EP needs to pick its backend: QNN's HTP (the NPU; on x86-64 an emulator)
-_PLUGIN_OPTIONS = {"onnxruntime_qnn": lambda module: {"backend_path": module.get_qnn_htp_path()}}
+# options a plugin EP needs: QNN's HTP backend (the NPU; on x86-64 an emulator), with the graph's
+# input Quantize / output Dequantize nodes on the HTP too (QNN otherwise hands them to the CPU)
+_PLUGIN_OPTIONS = {"onnxruntime_qnn": lambda module: {"backend_path": module.get_qnn_htp_path(),
+                                                      "offload_graph_io_quantization": "0"}}
 
 
 def is_available(provider: Provider) -> bool:
@@ -137,7 +139,9 @@ def configure_session(options: ort.SessionOptions, ort_name: str, cpu_fallback: 
     gemma-export check measures which nodes would fall back) and returns None, or returns the
     `providers` list to pass to InferenceSession for a built-in provider."""
     provider = _BY_ORT_NAME.get(ort_name)
-    if provider is None or provider.plugin is None or ort_name in ort.get_available_providers():
+    # a registered plugin is then listed by get_available_providers() too, but by name it would
+    # start without its options (QNN: no HTP backend path): plugins always go by device
+    if provider is None or provider.plugin is None or _plugin_module(provider) is None:
         return [ort_name]
     devices = _plugin_devices(provider)
     if not devices:

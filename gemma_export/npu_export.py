@@ -1,0 +1,177 @@
+"""The out/ folder of an NPU target (qnn-htp): static prefill (T = chunk) and decode (T = 1) graphs,
+QDQ-quantized, beside the same host tables and tokenizer files as a CPU export.
+
+    float decoder (torch) -> npu_graphs.export_npu_decoder, T = chunk and T = 1
+      -> run both on onnxruntime's CPU provider over calibration ids (npu_driver.NpuDriver):
+         real text (CPython's docs, evaluate.calibration_ids) when the checkpoint has a tokenizer,
+         else seeded random ids (tiny test checkpoints), and record every graph input
+      -> passes/qdq.py: int8 per-channel weights, uint8/uint16 activations (the target's)
+      -> prefill.onnx, decode.onnx (weights inside each: int8, so a Gemma 3 270M graph is ~0.3 GB;
+         QNN shares them between the two graphs only through its own EP-context files)
+
+The graphs take host-computed rope tables, additive masks and a one-hot of the last valid row
+(model/npu_text.py); the runtime side of that contract is npu_host.py (for now in the exporter:
+gemma-run does not yet load prefill/decode exports, see the manifest's provenance "npu_inputs").
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from gemma_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, PerLayerInputs, TensorSpec
+
+from .errors import ExportError
+from .graphs import output_names, save_with_external_data
+from .host_tables import write_host_tables
+from .model.npu_text import npu_input_names
+from .npu_driver import NpuDriver
+from .npu_graphs import export_npu_decoder
+from .package import (
+    ExportPlan,
+    _caches,
+    _move_into_place,
+    _provenance,
+    _sha256,
+    _staging_folder,
+    _token_ids,
+    check_out_folder,
+)
+from .progress import Progress
+from .resources import check_resources
+from .targets import Target, load_target
+from .weights import load_decoder
+
+GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+NPU_MIN_ONNXRUNTIME = "1.22"  # QDQ at opset 21 (16-bit Q/DQ in the standard domain)
+CALIBRATION_SEQUENCES = 6  # random-id sequences for checkpoints without a tokenizer
+CALIBRATION_TOKENS = 512  # real-text tokens when a tokenizer is present
+
+
+def _spec(file: str, model: onnx.ModelProto) -> GraphSpec:
+    def tensors(values):
+        return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                                tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values)
+
+    return GraphSpec(file=file, data_file=None, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))
+
+
+def _calibration_runs(folder: Path, variant, chunk: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, continuation) pairs: prompts prefilled in chunks, continuations decoded one by one."""
+    if (folder / "tokenizer.json").is_file():
+        from .evaluate import calibration_ids
+
+        ids, _ = calibration_ids(folder, CALIBRATION_TOKENS)
+        step = 2 * chunk + 16  # two prefill chunks (one partial) and 16 decode steps per run
+        return [(ids[i:i + 2 * chunk - 3], ids[i + 2 * chunk - 3:i + step]) for i in range(0, len(ids) - step + 1, step)]
+    rng = np.random.default_rng(0)
+    low = 3  # past the special ids of the tiny checkpoints (pad, eos, bos)
+    return [(rng.integers(low, variant.vocab_size, chunk + 3 + s).tolist(), rng.integers(low, variant.vocab_size, 8).tolist())
+            for s in range(CALIBRATION_SEQUENCES)]
+
+
+def _record_feeds(float_dir: Path, folder: Path, variant, max_context: int, chunk: int, tables) -> dict[str, list]:
+    import onnxruntime as ort
+    from gemma_runtime.tables import HostTableReader
+
+    sessions = {g: ort.InferenceSession(str(float_dir / f), providers=["CPUExecutionProvider"]) for g, f in GRAPH_FILES.items()}
+    embed = HostTableReader.open(folder, "embed_tokens", tables["embed_tokens"])
+    per_layer = None
+    if variant.gemma3n:
+        per_layer = HostTableReader.open(folder, "per_layer", tables["per_layer"], row0_from=variant.gemma3n.per_layer_vocab_size)
+    driver = NpuDriver(variant, max_context, chunk, embed.lookup, per_layer.lookup if per_layer else None)
+    recorded: dict[str, list] = {g: [] for g in GRAPH_FILES}
+
+    def run(graph, feeds):
+        recorded[graph].append(feeds)
+        return sessions[graph].run(None, feeds)
+
+    for prompt, continuation in _calibration_runs(folder, variant, chunk):
+        driver.teacher_forced(run, prompt, continuation)
+    return recorded
+
+
+def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float: Path | None = None) -> Manifest:
+    """keep_float: a folder to copy the float prefill/decode graphs into (tests compare them with
+    the CPU graph; an export never ships them)."""
+    from .passes.qdq import qdq_quantize
+
+    target = load_target(plan.target)
+    _check(plan, target)
+    out = Path(out)
+    check_out_folder(out)
+    variant = plan.variant
+    check_resources(variant, out.parent)
+    with _staging_folder(out) as staging, tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.float-") as tmp:
+        float_dir = Path(tmp)
+        with progress.step("loading weights"):
+            decoder = load_decoder(variant, plan.max_context, plan.tensors)
+        for graph, chunk in (("prefill", plan.prefill_chunk), ("decode", 1)):
+            with progress.step(f"exporting the static {graph} graph (T = {chunk})"):
+                model = export_npu_decoder(decoder, plan.max_context, chunk)
+                save_with_external_data(model, float_dir, GRAPH_FILES[graph], GRAPH_FILES[graph] + ".data")
+                del model
+        del decoder
+        with progress.step("writing host tables (float32)"):
+            tables = write_host_tables(variant, plan.tensors, staging, "float32")
+        tokenizer_files = []
+        for name, path in sorted(plan.aux_files.items()):
+            shutil.copyfile(path, staging / name)
+            tokenizer_files.append(name)
+        if keep_float is not None:
+            shutil.copytree(float_dir, keep_float, dirs_exist_ok=True)
+        with progress.step("recording calibration inputs"):
+            feeds = _record_feeds(float_dir, staging, variant, plan.max_context, plan.prefill_chunk, tables)
+        graphs = {}
+        for graph, file in GRAPH_FILES.items():
+            with progress.step(f"QDQ-quantizing {file} ({target.activations} activations, int8 weights)"):
+                qdq_quantize(float_dir / file, staging / file, feeds.pop(graph), target.activations, 8)
+                graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False))
+        expected = npu_input_names(variant)
+        for graph, spec in graphs.items():
+            if [t.name for t in spec.inputs] != expected or [t.name for t in spec.outputs] != output_names(variant):
+                raise ExportError(f"{graph}: the quantized graph's inputs/outputs differ from the NPU contract")
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        provenance = _provenance(plan, None)
+        provenance["min_onnxruntime"] = NPU_MIN_ONNXRUNTIME
+        provenance["quant_recipe"] = {
+            "name": plan.quant, "format": "qdq", "weights": "int8 per output channel, symmetric",
+            "activations": target.activations, "calibration": _calibration_note(staging),
+        }
+        provenance["npu_inputs"] = ("host-computed: cos.K/sin.K rope tables [T,d], additive masks mask_past.K [T,S] and "
+                                    "mask_new.K [T,T] (0 or -100), last [1,1,T] one-hot of the last valid row; "
+                                    "K in sliding/global (gemma_export/model/npu_text.py, npu_host.py)")
+        g = variant.gemma3n
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, family=variant.family, variant=variant.name, architecture=variant.architecture,
+            quant=plan.quant, target=target.name, hidden_size=variant.hidden_size, vocab_size=variant.vocab_size,
+            prefill_chunk=plan.prefill_chunk, max_context=plan.max_context, sliding_window=variant.sliding_window,
+            graphs=graphs, kv_layout="past_and_new_blocks", caches=_caches(variant, plan.max_context), tables=tables,
+            per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
+            tokens=_token_ids(variant, plan.aux_files), files=files, provenance=provenance,
+            tokenizer_files=tuple(tokenizer_files), providers=target.providers,
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _move_into_place(staging, out)
+    return manifest
+
+
+def _calibration_note(folder: Path) -> str:
+    if (folder / "tokenizer.json").is_file():
+        return f"real text: pydoc_data.topics, last {CALIBRATION_TOKENS} tokens, prefill + decode steps"
+    return f"no tokenizer: {CALIBRATION_SEQUENCES} seeded random-id sequences (recorded graph inputs)"
+
+
+def _check(plan: ExportPlan, target: Target) -> None:
+    if target.weights.format != "qdq" or not target.static_shapes:
+        raise ExportError(f"target {target.name} is not an NPU target (static QDQ graphs)")
+    if plan.encoders is not None:
+        raise ExportError(f"target {target.name} builds the text decoder only in this version: pass --text-only")
+    if plan.recipe.changes_graph and plan.quant != target.weights.quant:
+        raise ExportError(f"target {target.name} quantizes as QDQ {target.weights.quant}, not {plan.quant}")
+    if plan.prefill_chunk < 2:
+        raise ExportError("an NPU export needs a prefill chunk of at least 2 (decode is its own T = 1 graph)")

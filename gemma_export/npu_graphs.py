@@ -1,0 +1,50 @@
+"""Static decoder graphs for NPU targets (qnn-htp): one per chunk length (prefill T, decode 1),
+exported from model/npu_text.py's NpuDecoder. The CPU graph (graphs.py) is untouched by this path.
+
+Opset 21: QDQ with 16-bit activations needs QuantizeLinear/DequantizeLinear of opset 21 in the
+standard domain (onnxruntime's quantizer writes com.microsoft Q/DQ below it, which the QNN
+provider also reads, but an NPU graph keeps to the standard domain).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import torch
+
+from .graphs import output_names
+from .model.npu_text import NpuDecoder, layer_kinds, npu_input_names
+from .model.text import TextDecoder
+from .npu_host import _mask_length
+from .variants import Variant
+
+NPU_OPSET = 21
+
+
+def npu_example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[torch.Tensor, ...]:
+    args = [torch.zeros(1, chunk, variant.hidden_size)]
+    if variant.gemma3n:
+        args.append(torch.zeros(1, chunk, variant.num_layers, variant.gemma3n.per_layer_dim))
+    kinds = layer_kinds(variant)
+    args += [torch.zeros(chunk, variant.head_dim) for _ in kinds for _ in range(2)]
+    for t in kinds:
+        args += [torch.zeros(chunk, _mask_length(variant, t, max_context)), torch.zeros(chunk, chunk)]
+    args.append(torch.zeros(1, 1, chunk))
+    for layer in variant.cache_layers:
+        shape = (1, variant.num_kv_heads, variant.cache_length(layer, max_context), variant.head_dim)
+        args += [torch.zeros(shape), torch.zeros(shape)]
+    return tuple(args)
+
+
+def export_npu_decoder(decoder: TextDecoder, max_context: int, chunk: int) -> onnx.ModelProto:
+    """The decoder for a fixed chunk length `chunk`, every shape static (weights inside the proto)."""
+    variant = decoder.variant
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            NpuDecoder(decoder), npu_example_inputs(variant, max_context, chunk),
+            input_names=npu_input_names(variant), output_names=output_names(variant),
+            opset_version=NPU_OPSET, dynamo=True, optimize=True, verbose=False,
+        )
+    return program.model_proto
