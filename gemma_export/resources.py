@@ -48,20 +48,28 @@ def estimate(variant: Variant, recipe=None) -> tuple[int, int]:
 
     Disk: float32 weights, or for a quantized recipe at most 2 bytes a decoder weight (8 bits and
     their scales, the float "other" weights of Gemma 3n included) and int8 table rows.
-    Memory: the decoder is streamed (stream_export.py): one weight is made, transposed (a second
-    copy), quantized (codes as large again) and dropped at a time; plus the exporter's trace of the
-    graph and one host table block (about 2 GiB together, measured on E2B).
+    Memory: the decoder is streamed (stream_export.py): one weight is made, quantized (its codes
+    a quarter to a half of it again) and dropped at a time; host tables go by 64 MB row blocks;
+    plus the exporter's trace of the graph and the libraries (about 1 GiB).
     """
     decoder_params = decoder_parameters(variant)
     quantized = recipe is not None and recipe.changes_graph
     decoder = decoder_params * (2 if quantized else _FLOAT)
     tables = table_parameters(variant) * (1 if recipe is not None and recipe.tables == "int8" else _FLOAT)
-    memory = 3 * largest_weight(variant) * _FLOAT + 2 * GIB
+    memory = 2 * largest_weight(variant) * _FLOAT + GIB
     return decoder + tables, memory
 
 
-def check_resources(variant: Variant, out_parent: Path, recipe=None) -> None:
+def check_resources(variant: Variant, out_parent: Path, recipe=None, encoders: dict | None = None) -> None:
+    """Refuses an export that the disk or memory cannot hold. `encoders`: the config.json of a
+    multimodal Gemma 3n checkpoint whose vision and audio graphs are written too (after the
+    decoder, so their memory peak is apart from the decoder's while their files add up)."""
     disk_needed, memory_needed = estimate(variant, recipe)
+    if encoders is not None:
+        from .encoders import encoder_estimate
+
+        disk, memory = encoder_estimate(encoders, recipe)
+        disk_needed, memory_needed = disk_needed + disk, max(memory_needed, memory)
     parent = out_parent if out_parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
     if free < disk_needed * 1.05:

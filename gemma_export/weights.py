@@ -8,6 +8,7 @@ every destination gets exactly one tensor. Anything else is an error naming the 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -151,10 +152,24 @@ def _param_value(tensors: TensorSource, name: str, shape: tuple[int, ...], shift
 
 
 def _lm_head_t(tensors: TensorSource, name: str, shape: tuple[int, int]) -> torch.Tensor:
-    head = tensors.get(name)
-    if tuple(head.shape) != shape:
-        raise WeightMapError(f"{name} has shape {tuple(head.shape)}, expected {shape}")
-    return head.t().contiguous()
+    """The LM head [H, V]: the largest weight. Sources with `row_blocks` fill it a row block at a
+    time, so the [V, H] original is never held beside it (one copy of the largest weight, not two)."""
+    row_blocks = getattr(tensors, "row_blocks", None)
+    if row_blocks is None:
+        head = tensors.get(name)
+        if tuple(head.shape) != shape:
+            raise WeightMapError(f"{name} has shape {tuple(head.shape)}, expected {shape}")
+        return head.t().contiguous()
+    out = torch.empty(shape[1], shape[0])
+    start = 0
+    for block in row_blocks(name, 16384):
+        if block.shape[1:] != shape[1:] or start + block.shape[0] > shape[0]:
+            raise WeightMapError(f"{name} has rows of shape {tuple(block.shape[1:])} past row {start}, expected {shape}")
+        out[:, start:start + block.shape[0]] = block.t()
+        start += block.shape[0]
+    if start != shape[0]:
+        raise WeightMapError(f"{name} has {start} rows, expected {shape[0]}")
+    return out
 
 
 def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None) -> TextDecoder:
@@ -168,10 +183,12 @@ def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, prog
     return model.eval()
 
 
-def table_rows(tensors: TensorSource, wmap_table: str, scale: float, rows_per_step: int = 16384) -> Iterator[torch.Tensor]:
-    """A host table's rows, multiplied by its embedding scale, in blocks (bounded memory). Sources
-    with `row_blocks` (random weights, safetensors) never hold the whole table (E2B's per-layer
-    table is 8 GB in float32)."""
+def table_rows(tensors: TensorSource, wmap_table: str, scale: float, rows_per_step: int | None = None) -> Iterator[torch.Tensor]:
+    """A host table's rows, multiplied by its embedding scale, in blocks (bounded memory: by
+    default about 64 MB of float32 a block). Sources with `row_blocks` (random weights,
+    safetensors) never hold the whole table (E2B's per-layer table is 8 GB in float32)."""
+    if rows_per_step is None:
+        rows_per_step = max(16, (1 << 24) // max(1, math.prod(tensors.shape(wmap_table)[1:])))
     row_blocks = getattr(tensors, "row_blocks", None)
     blocks = row_blocks(wmap_table, rows_per_step) if row_blocks is not None else _sliced(tensors.get(wmap_table), rows_per_step)
     for block in blocks:

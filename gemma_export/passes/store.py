@@ -58,7 +58,7 @@ class TensorStore:
         t.name = name
         t.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         t.dims.extend(array.shape)
-        data = array.tobytes()
+        data = memoryview(array.reshape(-1).view(np.uint8))  # no copy: the largest weight is GiBs
         offset = self._out.tell()
         pad = -offset % (_ALIGN_BIG if len(data) >= _BIG else 16)
         self._out.write(b"\0" * pad)
