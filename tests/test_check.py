@@ -84,3 +84,21 @@ def test_bad_input(tmp_path, tiny):
         check_export(tiny.export("gemma3_sw8"), providers=("tpu",))
     with pytest.raises(ExportError, match="--target toaster is not a target"):
         check_export(tiny.export("gemma3_sw8"), target="toaster")
+
+
+def test_int4_export_uses_only_ops_the_cuda_provider_implements(tiny, tmp_path):
+    """The cuda target's graphs (MatMulNBits weights, the ort-fusions contrib ops) keep to the
+    contrib ops that have a CUDA kernel (targets/cuda.toml, from onnxruntime's kernel list)."""
+    from gemma_export.package import requantize_export
+    from gemma_export.recipes import make_recipe
+
+    out = tmp_path / "int4"
+    requantize_export(tiny.export("gemma3_sw8"), out, make_recipe("int4"))
+    report = check_export(out, target="cuda", providers=("cpu",))
+    (graph,) = report.graphs
+    contrib = {op for op in graph.ops if op.startswith("com.microsoft:")}
+    assert "com.microsoft:MatMulNBits" in contrib and not graph.unsupported
+    assert report.ok, report.problems
+    # the same graph against an NPU target: every contrib op is outside it
+    npu = check_export(out, target="qnn-htp", providers=())
+    assert contrib <= set(npu.graphs[0].unsupported)
