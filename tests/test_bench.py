@@ -98,6 +98,8 @@ def test_ratios_and_goals():
     (["--prompt-tokens", "60", "--new-tokens", "8"], "must fit OUT's context of 64"),
     (["--prompt-tokens", "8", "8"], "a length twice"),
     (["--json", "/nonexistent/folder/out.json"], "does not exist"),
+    (["--genai", "/"], "not an onnxruntime-genai model folder"),
+    (["--gguf", "/nonexistent.gguf"], "no such file"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(tiny, capsys, args, message):
     out = tiny.export("gemma3_sw8")

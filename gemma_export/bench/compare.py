@@ -68,6 +68,12 @@ def check_args(args: argparse.Namespace, max_context: int) -> None:
         if n < 2 or n + args.new_tokens > max_context:
             raise ExportError(f"--prompt-tokens {n}: a prompt needs 2 tokens or more, and prompt + --new-tokens "
                               f"({n} + {args.new_tokens}) must fit OUT's context of {max_context}")
+    if args.genai is not None and not (args.genai / "genai_config.json").is_file():
+        raise ExportError(f"--genai {args.genai}: not an onnxruntime-genai model folder (no genai_config.json)")
+    for flag in ("gguf", "eager_source"):
+        path = getattr(args, flag)
+        if path is not None and not path.exists():
+            raise ExportError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
     for flag in ("json", "plot"):
         path = getattr(args, flag)
         if path is not None and not path.parent.is_dir():

@@ -4,10 +4,13 @@ peak RSS is its own), on the same prompt ids, and the parent adds what each deco
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from .bandwidth import KvLayer, bound_tokens_per_second, mean_kv_bytes
@@ -22,17 +25,37 @@ def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, thr
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    label = LABELS[setup.name]
     try:
-        done = subprocess.run([setup.python, str(setup.script), f.name], capture_output=True, text=True,
-                              timeout=CHILD_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"no answer in {CHILD_TIMEOUT_S} s") from None
+        child = subprocess.Popen([setup.python, str(setup.script), f.name], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env)
+        # the child's progress lines shown as they come; the last ones kept for a failure's note
+        tail: collections.deque = collections.deque(maxlen=40)
+        echo = threading.Thread(target=_echo, args=(child.stderr, label, tail), daemon=True)
+        echo.start()
+        timed_out = threading.Event()
+        timer = threading.Timer(CHILD_TIMEOUT_S, lambda: (timed_out.set(), child.kill()))
+        timer.start()
+        try:
+            stdout = child.stdout.read()
+            child.wait()
+        finally:
+            timer.cancel()
+        echo.join()
+        if timed_out.is_set():
+            raise RuntimeError(f"no answer in {CHILD_TIMEOUT_S} s")
     finally:
         os.unlink(f.name)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode or not lines:
-        raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+    lines = stdout.strip().splitlines()
+    if child.returncode or not lines:
+        raise RuntimeError(f"exit {child.returncode}: {''.join(tail).strip()[-2000:]}")
     return json.loads(lines[-1])
+
+
+def _echo(stream, label: str, tail: collections.deque) -> None:
+    for line in stream:
+        tail.append(line)
+        print(f"  [{label}] {line}", end="", file=sys.stderr, flush=True)
 
 
 def add_bounds(report: dict, weight_bytes: int, kv_layers: list[KvLayer], kv_element_bytes: int,

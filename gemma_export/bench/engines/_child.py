@@ -92,6 +92,8 @@ def measure(spec: Spec, generate: Callable[[list[int], int], Iterator[int]]) -> 
     out = []
     for prompt in spec.prompts:
         run = best([time_stream(len(prompt), lambda: generate(prompt, spec.new_tokens)) for _ in range(spec.repeat)])
+        print(f"prompt {run.prompt_tokens}: time to first token {run.ttft_s:.2f} s, decode {run.decode_tps:.2f} tokens/s "
+              f"({run.new_tokens} new)", file=sys.stderr, flush=True)
         out.append({**asdict(run), "prefill_tps": run.prefill_tps, "decode_tps": run.decode_tps})
     return out
 

@@ -3,8 +3,10 @@ Python of the environment where onnxruntime_genai is installed. Intra-op threads
 set through a copy of genai_config.json in a temporary folder whose other files link to the
 originals. Greedy; min_length = prompt + new ids, so that no end-of-sequence id ends a run early."""
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ options = config["model"]["decoder"].setdefault("session_options", {})
 options["intra_op_num_threads"] = spec.threads
 options["inter_op_num_threads"] = 1
 folder = Path(tempfile.mkdtemp(prefix="genai-bench-"))
+atexit.register(shutil.rmtree, folder, True)
 for f in source.iterdir():
     if f.name != "genai_config.json":
         os.symlink(f.resolve(), folder / f.name)
