@@ -10,7 +10,9 @@ Figures per engine and prompt length: time to first token (ids in -> first new i
 tokens/s (prompt tokens / that time), decode tokens/s (new ids after the first / their time), and
 the process's peak RSS. The machine's read bandwidth is measured too, and each decode figure is
 given as a fraction of the bound it puts on decode: bandwidth / (weights one step multiplies by,
-from the engine's own model file, + KV rows attended at the run's mean context).
+from the engine's own model file, + KV rows attended at the run's mean context). The bound is the
+ideal: an engine that reads more than that (a whole preallocated cache, a weight twice) falls short
+of it by as much, and a machine whose last-level cache holds much of the weights can pass it.
 Engines that cannot run (not installed, no model given) are listed with the reason.
 """
 
