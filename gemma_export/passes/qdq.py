@@ -43,6 +43,9 @@ def qdq_quantize(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], activ
         weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
         per_channel=True, weight_symmetric=True,
     )
+    # (the calibrator keeps every intermediate tensor of every feed until the end; its
+    # CalibMaxIntermediateOutputs option does not help: onnxruntime 1.32 drops each full batch
+    # without merging its ranges)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for CNNs, printed per call
