@@ -77,7 +77,9 @@ def groups_of(weights: list[WeightMatMul], fine: bool) -> dict[str, list[WeightM
         else:
             groups[f"layer {int(layer):2d} {'attention' if block == 'self_attn' else 'mlp'}"].append(w)
             groups[f"all layers {proj}"].append(w)
-    return dict(groups)
+    # the LM head and the projection kinds first: a run cut short still has the coarse picture
+    order = sorted(groups, key=lambda g: (not g.startswith("lm_head"), not g.startswith("all layers"), g))
+    return {g: groups[g] for g in order}
 
 
 def gguf_types(weights: list[WeightMatMul]) -> dict[str, str]:
@@ -164,6 +166,8 @@ def main() -> int:
                      "rel_weight_error": rel})
         print(f"int4_sensitivity: [{i + 1}/{len(groups)}] {name:<24} KL {kl:.5f} top-1 {100 * top1:6.2f}% "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if args.json:  # after every group: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"partial": True, "rows": rows}, indent=1))
     rows.sort(key=lambda r: -r["kl"])
     print(f"int4 sensitivity on {args.export}: {sum(len(x) for x in ref)} tokens, {args.groups} groups, "
           f"format {fmt.bits}-bit b{fmt.block_size} {'affine' if fmt.affine else 'sym'}, calibration "
