@@ -52,12 +52,12 @@ CALIBRATION_SEQUENCES = 6  # random-id sequences for checkpoints without a token
 CALIBRATION_TOKENS = 512  # real-text tokens when a tokenizer is present
 
 
-def _spec(file: str, model: onnx.ModelProto) -> GraphSpec:
+def _spec(file: str, model: onnx.ModelProto, data_file: str | None) -> GraphSpec:
     def tensors(values):
         return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                                 tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values)
 
-    return GraphSpec(file=file, data_file=None, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))
+    return GraphSpec(file=file, data_file=data_file, inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))
 
 
 def _calibration_runs(folder: Path, variant, chunk: int) -> list[tuple[list[int], list[int]]]:
@@ -130,7 +130,9 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
         for graph, file in GRAPH_FILES.items():
             with progress.step(f"QDQ-quantizing {file} ({target.activations} activations, int8 weights)"):
                 qdq_quantize(float_dir / file, staging / file, feeds.pop(graph), target.activations, 8)
-                graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False))
+                # onnxruntime's quantizer keeps the source's external data layout: <file>.data
+                data = f"{file}.data" if (staging / f"{file}.data").is_file() else None
+                graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False), data)
         expected = npu_input_names(variant)
         for graph, spec in graphs.items():
             if [t.name for t in spec.inputs] != expected or [t.name for t in spec.outputs] != output_names(variant):
