@@ -40,7 +40,6 @@ from onnx import helper
 from gemma_export.evaluate import _log_softmax, _Runner, _segments, calibration_ids, collect_importance, cpython_docs_text, encode_text
 from gemma_export.passes import blockwise
 from gemma_export.passes.matmuls import WeightMatMul, weight_matmuls
-from gemma_export.passes.store import TensorStore
 from gemma_export.recipes import int4
 
 _LAYER = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
@@ -82,6 +81,16 @@ def groups_of(weights: list[WeightMatMul], fine: bool) -> dict[str, list[WeightM
     return {g: groups[g] for g in order}
 
 
+def mapped(folder: Path, t: onnx.TensorProto) -> np.ndarray:
+    """A float32 weight read-only from its external data file by memory map: the pages are the
+    file's (dropped under memory pressure, shared with the page cache), not this process's."""
+    ext = {e.key: e.value for e in t.external_data}
+    if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type != onnx.TensorProto.FLOAT:
+        raise SystemExit(f"int4_sensitivity: weight {t.name} is not an external float32 tensor")
+    return np.memmap(folder / ext["location"], dtype=np.float32, mode="r", offset=int(ext.get("offset", 0)),
+                     shape=tuple(t.dims))
+
+
 def gguf_types(weights: list[WeightMatMul]) -> dict[str, str]:
     """Weight initializer -> its quantization type in the source GGUF (the checkpoint's own grid:
     a Q4_K tensor is 4-bit affine blocks of 32 already, so its int4 round trip is nearly exact)."""
@@ -107,8 +116,7 @@ def main() -> int:
     model = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     weights = weight_matmuls(model)
     inits = {t.name: t for t in model.graph.initializer}
-    with TensorStore(base_dir=folder) as store:
-        fp32 = {w.weight: store.read(inits[w.weight]) for w in weights}
+    fp32 = {w.weight: mapped(folder, inits[w.weight]) for w in weights}
     del model, inits
     source_types = gguf_types(weights)
     fmt = int4().attention  # the recipe's 4-bit format (affine, blocks of 32, search)
@@ -151,6 +159,10 @@ def main() -> int:
 
     rows = []
     groups = groups_of(weights, args.groups == "fine")
+    uses = defaultdict(int)  # a round trip is kept until its last group has run
+    for members in groups.values():
+        for w in members:
+            uses[w.weight] += 1
     for i, (name, members) in enumerate(groups.items()):
         t0 = time.perf_counter()
         feeds = dict(fp32)
@@ -164,6 +176,11 @@ def main() -> int:
         types = "/".join(sorted({source_types[w.weight] for w in members}))
         rows.append({"group": name, "tensors": len(members), "params": params, "gguf": types, "kl": kl, "top1": top1,
                      "rel_weight_error": rel})
+        del feeds, lq
+        for w in members:
+            uses[w.weight] -= 1
+            if not uses[w.weight]:
+                quantized[w.weight] = (None, quantized[w.weight][1])  # the error stays for the table
         print(f"int4_sensitivity: [{i + 1}/{len(groups)}] {name:<24} KL {kl:.5f} top-1 {100 * top1:6.2f}% "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         if args.json:  # after every group: a run cut short keeps what it measured
