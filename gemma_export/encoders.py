@@ -128,3 +128,39 @@ def quantize_encoders(folder: Path, graphs, recipe, progress: Progress, source: 
                         "mean_rel_error": round(sum(errors) / max(len(errors), 1), 6),
                         "max_rel_error": round(max(errors, default=0.0), 6)}
     return record
+
+
+def encoder_parameters(config: dict) -> dict[str, int]:
+    """Weights of the vision and audio graphs (tower + embedder soft path), from config.json alone
+    (the modules built on the meta device): full size about 298M and 685M."""
+    from .model.audio import AudioEncoder, audio_spec_from_config
+    from .model.vision import VisionEncoder, vision_spec_from_config
+
+    with torch.device("meta"):
+        vision = VisionEncoder(vision_spec_from_config(config))
+        audio = AudioEncoder(audio_spec_from_config(config))
+    return {kind: sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+            for kind, m in (("vision", vision), ("audio", audio))}
+
+
+# bytes a weight under an 8-bit encoder format: the code, its share of a float32 scale per block of
+# 32 (MatMulNBits) or per output channel (Conv), rounded up
+_INT8_BYTES = 1.2
+_FLOAT_BYTES = 4
+
+
+def encoder_estimate(config: dict, recipe) -> tuple[int, int]:
+    """(bytes on disk at the peak, peak bytes of memory) of writing both encoders under `recipe`.
+
+    Disk: their float32 graphs, or under 8-bit formats the quantized files plus, while one is
+    rewritten, its float32 file. Memory: the torch module of one encoder in float32, the exporter's
+    copy of its initializers, and the process (torch, transformers, timm): measured 3.2 GiB at the
+    peak of the full-size vision export; the audio tower is the larger. The encoders are exported
+    one after the other, after the decoder."""
+    params = encoder_parameters(config)
+    final = {k: n * (_INT8_BYTES if recipe is not None and recipe.encoder_format(k) is not None else _FLOAT_BYTES)
+             for k, n in params.items()}
+    rewritten = [params[k] * _FLOAT_BYTES for k in params if final[k] != params[k] * _FLOAT_BYTES]
+    disk = sum(final.values()) + max(rewritten, default=0)
+    memory = 2 * max(params.values()) * _FLOAT_BYTES + (1 << 30)
+    return int(disk), int(memory)

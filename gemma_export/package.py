@@ -215,7 +215,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
         # no tokenizer (random weights): nothing to calibrate on; the manifest's recipe says so
         plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, calibration=None))
     variant = plan.variant
-    check_resources(variant, out.parent, plan.recipe)
+    check_resources(variant, out.parent, plan.recipe, plan.encoders)
     with _staging_folder(out) as staging:
         # the graph is exported with no weight loaded; each weight is then read, (quantized,) written
         # and dropped in turn (stream_export.py): the float model is never held, not even once

@@ -86,3 +86,35 @@ def test_random_weights_export_runs(tmp_path, monkeypatch, family):
     assert export_main(["--variant", "tiny-test", "--random-weights", "--quiet", "--max-context", "64",
                         "--prefill-chunk", "8", str(out2)]) == 0
     assert (out / "decoder.data").read_bytes() == (out2 / "decoder.data").read_bytes()
+
+
+def test_encoders_count_in_the_estimate(multimodal, tmp_path, monkeypatch):
+    """A multimodal Gemma 3n export writes vision.data + audio.data too: the encoder estimate
+    matches their size, and the memory check refuses what only the decoder would fit."""
+    import json
+
+    from gemma_export.encoders import encoder_estimate
+    from gemma_export.recipes import make_recipe
+
+    _, out, *_ = multimodal
+    config = json.loads((out.parent / "checkpoint" / "config.json").read_text())
+    disk, memory = encoder_estimate(config, None)
+    files = sum((out / name).stat().st_size for name in ("vision.data", "audio.data"))
+    assert 0.95 * files <= disk <= 1.1 * files
+    assert memory > files
+    # int8: the quantized files (about a quarter) plus, while the larger is rewritten, its float file
+    assert files < encoder_estimate(config, make_recipe("int8"))[0] < 1.5 * files
+
+    variant = variants.variant_from_config(config)
+    decoder_disk, decoder_memory = resources.estimate(variant)
+    Memory = namedtuple("Memory", "available")
+    monkeypatch.setattr(resources.psutil, "virtual_memory", lambda: Memory(available=decoder_memory + (1 << 20)))
+    resources.check_resources(variant, tmp_path)
+    with pytest.raises(resources.ExportError, match="not enough memory"):
+        resources.check_resources(variant, tmp_path, None, config)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(resources, "psutil", type("P", (), {"virtual_memory": staticmethod(lambda: Memory(1 << 50))}))
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: Usage(1, 1, int(decoder_disk * 1.1)))
+    resources.check_resources(variant, tmp_path)
+    with pytest.raises(resources.ExportError, match="not enough disk space"):
+        resources.check_resources(variant, tmp_path, None, config)
