@@ -5,9 +5,13 @@ loaded and each weight is made, quantized and written in turn; host tables are w
 blocks. Peak RSS should stay near a few copies of the largest tensor, not the model.
 
     .venv/bin/python bench/export_memory.py --variant gemma3-270m --random-weights --recipes fp32,int4
-    .venv/bin/python bench/export_memory.py --variant e2b --random-weights --recipes int4   # ~30 min, 2 cores
+    .venv/bin/python bench/export_memory.py --variant e2b --random-weights --recipes int4 --runtime   # ~40 min, 2 cores
+    .venv/bin/python bench/export_memory.py --runtime-only OUT   # the runtime's figure for an existing export
 
 Each export runs in its own process (peak RSS from wait4, the same figure as /usr/bin/time -v).
+--runtime also loads each export with gemma_runtime in a child process (2 threads), feeds a
+128-token prompt and decodes 32 tokens, and prints that process's peak RSS: host tables are
+memory-mapped, so only the rows looked up count.
 """
 
 from __future__ import annotations
@@ -42,12 +46,39 @@ def _run(args: list[str]) -> tuple[int, float, int]:
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # kB on Linux
 
 
+def _run_model(out: Path) -> None:
+    """In the child: load, 128-token prompt, 32 greedy steps."""
+    import numpy as np
+    from gemma_runtime import Model
+
+    model = Model.load(out, threads=2)
+    ids = [int(i) for i in np.random.default_rng(0).integers(10, model.manifest.vocab_size, 128)]
+    model.generate_ids(ids, max_new_tokens=32)
+
+
+def _runtime_peak(out: Path) -> tuple[int, float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--run-model", str(out)])
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--run-model"]:
+        _run_model(Path(sys.argv[2]))
+        return 0
+    if sys.argv[1:2] == ["--runtime-only"]:
+        out = Path(sys.argv[2])
+        rc, seconds, peak = _runtime_peak(out)
+        size = sum(p.stat().st_size for p in out.iterdir())
+        print(f"runtime: peak RSS {peak / GIB:.2f} GiB (export {size / GIB:.2f} GiB), {seconds:.0f} s, exit {rc}")
+        return rc
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="gemma3-270m")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--recipes", default="fp32,int4")
     ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--runtime", action="store_true", help="also the runtime's peak RSS for each export")
     ap.add_argument("--out", type=Path, default=None, help="parent folder of the exports (default: a temp dir, removed)")
     a = ap.parse_args()
     weights, largest = _float_bytes(a.variant)
@@ -62,6 +93,10 @@ def main() -> int:
             size = sum(p.stat().st_size for p in out.iterdir()) if rc == 0 else 0
             print(f"{recipe:8} {peak / GIB:12.2f} {peak / weights:9.2f} {peak / largest:9.2f} {size / GIB:8.2f} {seconds:8.0f}"
                   + ("" if rc == 0 else f"  (exit {rc})"), flush=True)
+            if a.runtime and rc == 0:
+                rc, seconds, peak = _runtime_peak(out)
+                print(f"{'':8} runtime (128 prompt + 32 decode): peak RSS {peak / GIB:.2f} GiB, {seconds:.0f} s"
+                      + ("" if rc == 0 else f"  (exit {rc})"), flush=True)
     finally:
         if a.out is None:
             shutil.rmtree(parent, ignore_errors=True)

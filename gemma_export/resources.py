@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -43,21 +44,39 @@ def largest_weight(variant: Variant) -> int:
     return max(variant.vocab_size * variant.hidden_size, *(p.numel() for p in model.parameters()))
 
 
+def _weight_bytes(name: str, shape: tuple[int, ...], recipe) -> float:
+    """Bytes of one decoder weight under `recipe`: float32, float16, or n-bit codes plus a float32
+    scale and at most a float32 zero point per block (classes as passes/matmuls.py names them)."""
+    numel = math.prod(shape)
+    if recipe is None or len(shape) != 2:
+        return numel * _FLOAT
+    parts = name.split(".")
+    cls = "lm_head" if name == "lm_head_t" else "attention" if "self_attn" in parts else "mlp" if "mlp" in parts else "other"
+    fmt = recipe.format_for(cls, name.rpartition(".")[0] or name)
+    if fmt is None:
+        return numel * _FLOAT
+    return numel * (2 if fmt.bits == 16 else fmt.bits / 8 + 8 / fmt.block_size)
+
+
 def estimate(variant: Variant, recipe=None) -> tuple[int, int]:
     """(bytes written to disk, peak bytes of memory) of an export under `recipe` (None: fp32).
 
-    Disk: float32 weights, or for a quantized recipe at most 2 bytes a decoder weight (8 bits and
-    their scales, the float "other" weights of Gemma 3n included) and int8 table rows.
+    Disk: each decoder weight in its recipe's format (+5%), host tables in float32 or int8 rows.
     Memory: the decoder is streamed (stream_export.py): one weight is made, quantized (its codes
-    a quarter to a half of it again) and dropped at a time; host tables go by 64 MB row blocks;
-    plus the exporter's trace of the graph and the libraries (about 1 GiB).
+    at most half of it again, plus the block search's temporaries) and dropped at a time; host
+    tables go by 64 MB row blocks; plus the exporter's trace of the graph and the libraries (about
+    1 GiB): 1.5x the largest weight + 1 GiB.
     """
-    decoder_params = decoder_parameters(variant)
-    quantized = recipe is not None and recipe.changes_graph
-    decoder = decoder_params * (2 if quantized else _FLOAT)
+    import torch
+
+    from .model.text import TextDecoder
+
+    with torch.device("meta"):
+        model = TextDecoder(variant, 1)
+    decoder = sum(_weight_bytes(n, tuple(p.shape), recipe) for n, p in model.named_parameters())
     tables = table_parameters(variant) * (1 if recipe is not None and recipe.tables == "int8" else _FLOAT)
-    memory = 2 * largest_weight(variant) * _FLOAT + GIB
-    return decoder + tables, memory
+    memory = 3 * largest_weight(variant) * _FLOAT // 2 + GIB
+    return int(decoder * 1.05) + tables, memory
 
 
 def check_resources(variant: Variant, out_parent: Path, recipe=None, encoders: dict | None = None) -> None:
