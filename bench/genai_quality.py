@@ -21,6 +21,10 @@ tensors: build_genai.py writes them with gemma-export's GGUF reader). Scores are
 KL(reference || candidate), perplexity and its ratio to the reference's. The genai fp32 build is the
 sanity check of the adapter (gemma_export/evaluate_genai.py): it should agree ~100%.
 
+Memory: every model's session is open at once (the reference's logits are computed once per chunk):
+~7 GiB with our fp32/int8/int4 and three genai int4 builds; the genai fp32 build adds ~2 GiB. On a
+shared 24 GiB machine leave it out (--genai with the int4 folders only) and check it on its own.
+
 --ours: our quantized exports to score (default: int8 and int4 derived from --reference with
 requantize_export into --workdir, the same passes as `gemma-export --quant`).
 """

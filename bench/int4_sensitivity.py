@@ -76,8 +76,9 @@ def groups_of(weights: list[WeightMatMul], fine: bool) -> dict[str, list[WeightM
         else:
             groups[f"layer {int(layer):2d} {'attention' if block == 'self_attn' else 'mlp'}"].append(w)
             groups[f"all layers {proj}"].append(w)
-    # the LM head and the projection kinds first: a run cut short still has the coarse picture
-    order = sorted(groups, key=lambda g: (not g.startswith("lm_head"), not g.startswith("all layers"), g))
+    # the projection kinds first, the LM head (the slowest to quantize) last: a run cut short still
+    # has the coarse picture
+    order = sorted(groups, key=lambda g: (not g.startswith("all layers"), g.startswith("lm_head"), g))
     return {g: groups[g] for g in order}
 
 
