@@ -32,12 +32,13 @@ GRAPHS = "graphs"
 OPT_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
-def _options(threads: int | None, profile: bool = False) -> ort.SessionOptions:
+def _options(threads: int | None, profile: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    if profile:  # onnxruntime's per-node trace, written by session.end_profiling() (benchmarks)
+    if profile is not None:  # onnxruntime's per-node trace, written by session.end_profiling() (benchmarks)
         options.enable_profiling = True
+        options.profile_file_prefix = profile
     return options
 
 
@@ -67,10 +68,10 @@ def graph_cache_key(graph_sha256: str, data_sha256: str | None, provider: str) -
 
 
 def open_session(path: Path, provider: str, threads: int | None, cache_key: str | None = None,
-                 cache_dir: Path | None = None, profile: bool = False) -> tuple[ort.InferenceSession, str]:
+                 cache_dir: Path | None = None, profile: str | None = None) -> tuple[ort.InferenceSession, str]:
     """(session, how it was made: "graph" | "cached optimized graph" | "graph, optimized graph saved").
-    profile: onnxruntime's profiler on (no graph cache)."""
-    if cache_key is None or profile:
+    profile: a path prefix for onnxruntime's profiler trace, which turns the profiler on (no graph cache)."""
+    if cache_key is None or profile is not None:
         return _create(path, _options(threads, profile), provider), "graph"
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / GRAPHS
     entry = root / cache_key
