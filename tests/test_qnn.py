@@ -9,6 +9,7 @@ so agreement is measured by KL divergence, not by argmax."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -24,7 +25,10 @@ from gemma_runtime.manifest import read_manifest
 from gemma_runtime.session_cache import _create
 from gemma_runtime.tables import HostTableReader
 
-FAMILIES = ("gemma3_sw8", "gemma", "gemma3n")  # Gemma 3 (sliding ring = chunk), Gemma (MQA), Gemma 3n
+# Gemma 3 (sliding ring = chunk) and Gemma (MQA) in every run; the tiny Gemma 3n (AltUp, LAuReL,
+# per-layer inputs, KV sharing) takes ~3 minutes more on 2 cores (its two static exports and QDQ
+# passes), so it runs with GEMMA_TEST_NPU_GEMMA3N=1 (it passed: every node on the HTP, KL 0.004)
+FAMILIES = ("gemma3_sw8", "gemma") + (("gemma3n",) if os.environ.get("GEMMA_TEST_NPU_GEMMA3N") == "1" else ())
 PROMPT_LEN, DECODE_STEPS = PREFILL_CHUNK + 4, 5  # a full chunk, a partial one, then single-token steps
 
 
@@ -129,6 +133,10 @@ def test_npu_export_runs_entirely_on_the_htp(family, tiny, npu_export):
     assert report.ok, report.problems
     for graph in report.graphs:
         assert graph.static and not graph.unsupported
+        spec = manifest["graphs"][graph.name]
+        on_disk = [out / f for f in (spec["file"], spec["data_file"]) if f]
+        assert graph.bytes == sum(f.stat().st_size for f in on_disk)
+        assert {f.name for f in out.iterdir() if f.name.startswith(graph.name + ".")} == {f.name for f in on_disk}
         (qnn,) = graph.placements
         assert set(qnn.nodes) == {"QNNExecutionProvider"} and qnn.nodes["QNNExecutionProvider"] >= graph.nodes
 
