@@ -246,10 +246,15 @@ def fold_attention_scale(model: ir.Model) -> int:
             continue
         (factor,) = factors
         gamma = norm.inputs[1]
-        new_gamma = ir.Value(name=f"{gamma.name}_x{factor:.6g}", const_value=ir.tensor(_times(gamma, factor)))
-        new_gamma.type, new_gamma.shape = gamma.type, gamma.shape
-        model.graph.register_initializer(new_gamma)
-        norm.replace_input_with(1, new_gamma)
+        if len(gamma.uses()) == 1 and gamma.is_initializer():
+            # the norm's own weight: scaled under its name, so the weight keeps its place in the
+            # data file (graph_passes.apply_graph_passes writes it back there)
+            gamma.const_value = ir.tensor(_times(gamma, factor), name=gamma.name)
+        else:
+            new_gamma = ir.Value(name=f"{gamma.name}_x{factor:.6g}", const_value=ir.tensor(_times(gamma, factor)))
+            new_gamma.type, new_gamma.shape = gamma.type, gamma.shape
+            model.graph.register_initializer(new_gamma)
+            norm.replace_input_with(1, new_gamma)
         for mul, m, _ in muls:
             mul.outputs[0].replace_all_uses_with(m.outputs[0])
             model.graph.remove(mul, safe=True)

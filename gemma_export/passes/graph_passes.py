@@ -94,14 +94,43 @@ def apply_graph_passes(folder: Path, graph_file: str, names: Sequence[str]) -> d
     check_graph_passes(names)
     path = Path(folder) / graph_file
     model = onnx.load(str(path), load_external_data=False)
+    original = {t.name: _external(t) for t in model.graph.initializer if _external(t) is not None}
     record: dict = {"passes": list(names), "nodes_before": node_count(model)}
     for name in names:
         model, details = GRAPH_PASSES[name].run(model, Path(folder))
         record[name] = details
     record["nodes_after"] = node_count(model)
     if names:
+        _write_back_in_place(model, original, Path(folder))
         onnx.save_model(model, str(path))
     return record
+
+
+def _external(t: onnx.TensorProto) -> dict[str, str] | None:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in t.external_data}
+
+
+def _write_back_in_place(model: onnx.ModelProto, original: dict[str, dict[str, str]], folder: Path) -> None:
+    """Weights a pass changed under their own name (a scale folded into a norm weight) come back
+    inline: their new bytes go where the old ones were in the data file, and the graph refers to
+    them there again. The data file keeps its layout, so fusing before or after quantization
+    writes the same bytes."""
+    for t in model.graph.initializer:
+        where = original.get(t.name)
+        if where is None or _external(t) is not None or not t.raw_data:
+            continue
+        if len(t.raw_data) != int(where["length"]):
+            raise ValueError(f"graph pass changed the size of weight {t.name}")
+        with open(folder / where["location"], "r+b") as f:
+            f.seek(int(where.get("offset", 0)))
+            f.write(t.raw_data)
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in where.items():
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
 
 
 def min_onnxruntime(names: Sequence[str]) -> str | None:
