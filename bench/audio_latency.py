@@ -1,13 +1,16 @@
 """Audio encoder latency on this CPU: our static ONNX graph (fp32) vs eager transformers (a benchmark, not a test).
 
-    python bench/audio_latency.py [--tiny] [--seconds 30] [--threads N] [--keep DIR]
+    python bench/audio_latency.py [--tiny] [--seconds 30] [--threads N] [--keep DIR] [--audio-file SPEECH.wav]
 
 Builds the released architecture (Gemma3nAudioConfig defaults: 12 conformer layers, 1536 wide,
 about 681M parameters) with random weights (no download), copies them into our export-friendly
 encoder, exports it with external data, and times one run of each on the same padded 30 s features:
   eager: Gemma3nAudioEncoder + Gemma3nMultimodalEmbedder (+ the padding to 188 tokens)
   ours:  onnxruntime CPU on audio.onnx
-and prints the max abs difference between the two. Needs about 12 GB of memory at full size.
+  ours int8: the int8/int4 recipes' audio graph (passes/encoders.py: MatMulNBits 8-bit, int8 Conv kernels)
+and prints the max abs difference between fp32 and eager, and the cosine of int8 to fp32 soft
+embeddings (on --audio-file, e.g. CMU ARCTIC's arctic_a0007.wav as pysptk ships it, else on a tone
+in noise). Needs about 12 GB of memory at full size.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="real audio before the padding to 30 s")
     ap.add_argument("--threads", type=int, default=0, help="threads for torch and onnxruntime (0: default)")
     ap.add_argument("--keep", type=Path, help="write audio.onnx here instead of a temp folder")
+    ap.add_argument("--audio-file", type=Path, help="real audio (speech) to run instead of the synthetic tone")
     args = ap.parse_args()
 
     from transformers import Gemma3nAudioConfig
@@ -77,8 +81,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     wave = (0.3 * np.sin(2 * np.pi * 330 * np.arange(n) / 16_000) + 0.05 * rng.standard_normal(n)).astype(np.float32)
     t = time.perf_counter()
-    feats, mask = audio_features(wave, 16_000)
-    print(f"front end (numpy, {args.seconds:g} s of audio): {(time.perf_counter() - t) * 1e3:.1f} ms")
+    feats, mask = audio_features(*((args.audio_file,) if args.audio_file else (wave, 16_000)))
+    what = args.audio_file or f"{args.seconds:g} s of tone in noise"
+    print(f"front end (numpy, {what}): {(time.perf_counter() - t) * 1e3:.1f} ms")
 
     with torch.no_grad():
         t = time.perf_counter()
@@ -112,8 +117,36 @@ def main() -> None:
         t = time.perf_counter()
         session.run(None, inputs)
         print(f"ours onnxruntime fp32: first run {first:.2f} s, second {time.perf_counter() - t:.2f} s")
+        del session
+        _int8(folder, opts, inputs, got)
     err = float(np.abs(got - ref).max())
+    print("eager vs ours fp32:", end=" ")
     print(f"max abs diff {err:.3g}, tolerance {1e-4 * max(1.0, float(np.abs(ref).max())):.3g}")
+
+
+def _int8(folder: Path, opts, inputs: dict, fp32: np.ndarray) -> None:
+    import onnxruntime as ort
+
+    from gemma_export.passes import quantize_encoder_files
+    from gemma_export.recipes import ENCODER_W8
+
+    target = folder / "int8"
+    target.mkdir(exist_ok=True)
+    t = time.perf_counter()
+    quantize_encoder_files(target, "audio.onnx", "audio.onnx.data", ENCODER_W8, "audio", source=folder)
+    size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
+    print(f"int8 quantization: {time.perf_counter() - t:.1f} s, {size:.0f} MB")
+    session = ort.InferenceSession(str(target / "audio.onnx"), opts, providers=["CPUExecutionProvider"])
+    t = time.perf_counter()
+    (got,) = session.run(None, inputs)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    session.run(None, inputs)
+    print(f"ours onnxruntime int8: first run {first:.2f} s, second {time.perf_counter() - t:.2f} s")
+    a, b = fp32.reshape(-1, fp32.shape[-1]), got.reshape(-1, fp32.shape[-1])
+    per_token = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    cos = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+    print(f"int8 vs fp32 soft embeddings: cosine {cos:.6f}, lowest per token {per_token.min():.6f}")
 
 
 if __name__ == "__main__":
