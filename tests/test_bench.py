@@ -100,6 +100,7 @@ def test_ratios_and_goals():
     (["--json", "/nonexistent/folder/out.json"], "does not exist"),
     (["--genai", "/"], "not an onnxruntime-genai model folder"),
     (["--gguf", "/nonexistent.gguf"], "no such file"),
+    (["--timeout", "0"], "--timeout must be positive"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(tiny, capsys, args, message):
     out = tiny.export("gemma3_sw8")

@@ -30,7 +30,7 @@ from ..errors import ExportError
 from .bandwidth import KvLayer, buffer_bytes, last_level_cache_bytes, measure_read_bandwidth
 from .engines_setup import ENGINES, LABELS, EngineSetup, setup_engine
 from .report import format_header, format_table, goal_results
-from .run import add_bounds, agreement, engine_record, run_child
+from .run import CHILD_TIMEOUT_S, add_bounds, agreement, engine_record, run_child
 from .streamed import Streamed, gguf_streamed, onnx_kv_element_bytes, onnx_streamed
 
 # llama.cpp keeps its KV cache in float16 unless told otherwise (type_k / type_v).
@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[128, 1024], help="prompt lengths (default 128 1024)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per generation (default 128)")
     p.add_argument("--repeat", type=int, default=2, help="timed generations per prompt; the fastest is kept (default 2)")
+    p.add_argument("--timeout", type=float, default=CHILD_TIMEOUT_S,
+                   help=f"seconds one engine may take for all its runs (default {CHILD_TIMEOUT_S})")
     p.add_argument("--json", type=Path, help="write the result as JSON here")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     return p
@@ -62,6 +64,8 @@ def check_args(args: argparse.Namespace, max_context: int) -> None:
         raise ExportError(f"--threads must be at least 1, got {args.threads}")
     if args.new_tokens < 2:
         raise ExportError(f"--new-tokens must be at least 2 (decode speed needs a decode step), got {args.new_tokens}")
+    if args.timeout <= 0:
+        raise ExportError(f"--timeout must be positive, got {args.timeout}")
     if args.repeat < 1:
         raise ExportError(f"--repeat must be at least 1, got {args.repeat}")
     if len(set(args.prompt_tokens)) != len(args.prompt_tokens):
@@ -143,7 +147,7 @@ def run_engines(args, manifest, prompts, bandwidth) -> dict:
         print(f"bench: {LABELS[name]}: running on {setup.model} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            report = run_child(setup, prompts, args.new_tokens, args.threads, args.repeat)
+            report = run_child(setup, prompts, args.new_tokens, args.threads, args.repeat, args.timeout)
         except RuntimeError as err:
             if name == "ours":
                 raise ExportError(f"our runtime failed on {args.out}: {err}") from err

@@ -16,10 +16,11 @@ from pathlib import Path
 from .bandwidth import KvLayer, bound_tokens_per_second, mean_kv_bytes
 from .engines_setup import LABELS, EngineSetup
 
-CHILD_TIMEOUT_S = 1800
+CHILD_TIMEOUT_S = 3600
 
 
-def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, threads: int, repeat: int) -> dict:
+def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, threads: int, repeat: int,
+              timeout_s: float = CHILD_TIMEOUT_S) -> dict:
     """The child's JSON report; raises RuntimeError with the end of its stderr when it fails."""
     spec = {"model": setup.model, "prompts": prompts, "new_tokens": new_tokens, "threads": threads, "repeat": repeat}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -34,7 +35,7 @@ def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, thr
         echo = threading.Thread(target=_echo, args=(child.stderr, label, tail), daemon=True)
         echo.start()
         timed_out = threading.Event()
-        timer = threading.Timer(CHILD_TIMEOUT_S, lambda: (timed_out.set(), child.kill()))
+        timer = threading.Timer(timeout_s, lambda: (timed_out.set(), child.kill()))
         timer.start()
         try:
             stdout = child.stdout.read()
@@ -43,7 +44,7 @@ def run_child(setup: EngineSetup, prompts: list[list[int]], new_tokens: int, thr
             timer.cancel()
         echo.join()
         if timed_out.is_set():
-            raise RuntimeError(f"no answer in {CHILD_TIMEOUT_S} s")
+            raise RuntimeError(f"no answer in {timeout_s:.0f} s (--timeout)")
     finally:
         os.unlink(f.name)
     lines = stdout.strip().splitlines()
