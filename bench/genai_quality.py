@@ -25,6 +25,16 @@ Memory: every model's session is open at once (the reference's logits are comput
 ~7 GiB with our fp32/int8/int4 and three genai int4 builds; the genai fp32 build adds ~2 GiB. On a
 shared 24 GiB machine leave it out (--genai with the int4 folders only) and check it on its own.
 
+Measured (2026-11-24, shared 2-core machine under heavy load, so --tokens 1024; same weights, same ids):
+
+    model                               top-1    KL(fp32||q)  ppl ratio  size MiB
+    ours int8                           98.05%   0.00126      0.9945     483
+    ours int4 (recipes.int4)            92.19%   0.03006      1.0156     450
+    genai int4 (default: RTN sym, acc4) 64.45%   0.55697      1.7731     200
+    genai int4 accuracy_level=1         65.04%   0.55372      1.7676     200
+    genai int4 k_quant_mixed, acc 1     79.10%   0.20633      1.2923     297
+    genai fp32 (adapter sanity)        100.00%   0.00000      1.0000
+
 --ours: our quantized exports to score (default: int8 and int4 derived from --reference with
 requantize_export into --workdir, the same passes as `gemma-export --quant`).
 """
