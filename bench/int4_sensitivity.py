@@ -21,6 +21,11 @@ Gemma 3 270M: slower). Prints the 10 costliest groups (by KL) and all of them as
 group's quantization type in the source GGUF: the only real checkpoint here is a Q4_K_M GGUF, whose
 Q4_K tensors (o_proj, half the down_proj) are already 4-bit affine blocks of 32 and cost ~nothing;
 the costs measured are those of the Q5_0/Q6_K/Q8_0 tensors re-gridded to 4 bits.
+
+Measured (2026-11-24, --tokens 128, calibration on, 456 s on a loaded 2-core machine), KL / top-1:
+all layers up_proj 0.0211 / 90.6%, lm_head 0.0188 / 95.3%, gate_proj 0.0104 / 95.3%, down_proj
+0.0082 / 97.7%, v_proj 0.0082 / 96.9% (the most per parameter), k_proj 0.0036, q_proj 0.0023,
+o_proj 0 (Q4_K in the GGUF); single layers: the MLPs of layers 3, 1, 17, 0 cost the most (~0.004).
 """
 
 from __future__ import annotations
