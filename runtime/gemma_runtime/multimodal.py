@@ -68,10 +68,10 @@ class MediaEncoders:
     def _session(self, kind: str):
         name = _GRAPH[kind]
         if name not in self._sessions:
-            from .session_cache import open_session
+            from .session_cache import open_encoder_session
 
             graph = self.manifest.graphs[name]
-            self._sessions[name], _ = open_session(self.folder / graph.file, self.provider, self.threads)
+            self._sessions[name] = open_encoder_session(self.folder / graph.file, self.provider, self.threads)
         return self._sessions[name]
 
     def encode_image(self, image) -> np.ndarray:
