@@ -59,9 +59,14 @@ def test_cpu_export_against_the_npu_target(tiny):
     assert any("ops outside target qnn-htp" in p for p in report.problems)
     if is_available(PROVIDERS["qnn"]):
         (qnn,) = graph.placements
-        assert qnn.error is None and not qnn.complete
-        assert qnn.nodes.get("QNNExecutionProvider", 0) == 0  # float graph: the HTP takes no node
-        assert sum(qnn.off_provider.values()) == sum(qnn.nodes.values())
+        assert not qnn.complete
+        if qnn.error is None:
+            assert qnn.nodes.get("QNNExecutionProvider", 0) == 0  # float graph: the HTP takes no node
+            assert sum(qnn.off_provider.values()) == sum(qnn.nodes.values())
+        else:
+            # onnxruntime-qnn 2.7 on onnxruntime 1.32 claims a few float nodes (Sub, Reshape, ...) of
+            # the float graph and then fails to finalize them: reported as the session's failure
+            assert f"decoder: qnn: session failed: {qnn.error}" in report.problems
     else:
         assert graph.not_installed == ("qnn",)
 
