@@ -32,7 +32,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 # Checkpoints built here. gemma3n_released is the released Gemma 3n layout (see the module doc):
 # ConditionalGeneration prefixes, two shards with an index, and k/v weights for the KV-shared layers.
-FAMILIES = ("gemma", "gemma3_sw8", "gemma3_sw24", "gemma3n", "gemma3n_released")
+FAMILIES = ("gemma", "gemma3_sw5", "gemma3_sw8", "gemma3_sw24", "gemma3n", "gemma3n_released")
 
 
 def _common() -> dict:
@@ -48,8 +48,9 @@ def gemma_config():
 
 def gemma3_config(sliding_window: int):
     """sliding_window 8 (= the tests' prefill chunk): untied LM head (lm_head.weight), so that
-    random greedy generation does not collapse onto one token; 24 (> chunk): tied, linear rope
-    scaling on the global layer, soft-cap fields set."""
+    random greedy generation does not collapse onto one token; 5 (< chunk): the same, a ring that
+    a chunk's own rows overrun; 24 (> chunk): tied, linear rope scaling on the global layer,
+    soft-cap fields set."""
     from transformers import Gemma3TextConfig
 
     rope = {  # two thetas, and linear scaling on the global layers (as Gemma 3 4B+ ship)
@@ -86,6 +87,7 @@ def _model_class(family: str):
 
     return {
         "gemma": transformers.GemmaForCausalLM,
+        "gemma3_sw5": transformers.Gemma3ForCausalLM,
         "gemma3_sw8": transformers.Gemma3ForCausalLM,
         "gemma3_sw24": transformers.Gemma3ForCausalLM,
         "gemma3n": transformers.Gemma3nForCausalLM,
@@ -96,6 +98,7 @@ def _model_class(family: str):
 def _config(family: str):
     return {
         "gemma": gemma_config,
+        "gemma3_sw5": lambda: gemma3_config(5),
         "gemma3_sw8": lambda: gemma3_config(8),
         "gemma3_sw24": lambda: gemma3_config(24),
         "gemma3n": gemma3n_text_config,

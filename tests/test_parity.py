@@ -5,7 +5,8 @@ steps, with prompt + generation crossing the sliding window and more than one pr
 greedy tokens identical for 32 tokens.
 
 The prompt has 21 ids: three prefill chunks of 8, the last one partial (valid = 5); 21 + 32 = 53
-positions cross sliding windows of 8 (= the chunk) and 24 (> the chunk) and stay inside
+positions cross sliding windows of 5 (< the chunk: a chunk overruns its ring), 8 (= the chunk) and
+24 (> the chunk) and stay inside
 max_context 64. For Gemma 3n the prompt holds ids >= vocab_size_per_layer_input (280), which read
 per-layer row 0.
 """
@@ -20,7 +21,7 @@ from checkpoints import PROMPT_LEN, VOCAB, prompt_ids, runtime_logits
 from gemma_runtime import Model
 
 NEW_TOKENS = 32
-FAMILIES = ["gemma", "gemma3_sw8", "gemma3_sw24", "gemma3n", "gemma3n_released"]
+FAMILIES = ["gemma", "gemma3_sw5", "gemma3_sw8", "gemma3_sw24", "gemma3n", "gemma3n_released"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_greedy_tokens(family, loaded, record_property):
     assert len(ours) == NEW_TOKENS
 
 
-@pytest.mark.parametrize("family", ["gemma3_sw8", "gemma3n"])
+@pytest.mark.parametrize("family", ["gemma3_sw5", "gemma3_sw8", "gemma3n"])
 @pytest.mark.parametrize("length", [1, 8, 9, 16])
 def test_logits_at_chunk_boundaries(family, length, loaded):
     """Prompts of one token, exactly one or two chunks, and one past a chunk, then 10 decode steps."""

@@ -53,7 +53,7 @@ def test_greedy_tokens_match_eager(export_270m, eager_270m, prompt):
         out = reference.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
     theirs = out[0, len(ids):].tolist()
     assert ours == theirs, f"first difference at token {next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)}"
-    assert len(ours) == NEW_TOKENS or ours[-1] in model.manifest.tokens.stop
+    assert len(ours) == NEW_TOKENS  # a comparison of 64 tokens: no prompt here stops early
 
 
 def test_generate_text_matches_eager_decode(export_270m, eager_270m):
