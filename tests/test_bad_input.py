@@ -66,6 +66,19 @@ def test_missing_checkpoint_folder(tmp_path, capsys):
     assert str(missing) in line and "no such" in line
 
 
+@pytest.mark.parametrize("variant, hub_id", [("e2b", "google/gemma-3n-E2B-it"), ("gemma-2b", "google/gemma-2b")])
+def test_variant_alone_goes_to_the_hub_and_fails_clearly_offline(variant, hub_id, tmp_path, capsys, monkeypatch):
+    """`--variant V` with no --checkpoint downloads V's default hub id; offline (HF_HUB_OFFLINE, an
+    empty cache) that is one line naming the id and saying to pass --checkpoint, before any work."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = export_fails(capsys, tmp_path / "work", "--variant", variant)
+    assert hub_id in line and "--checkpoint" in line and "cannot be reached" in line
+
+
 def test_folder_without_config(gemma_ckpt, tmp_path, capsys):
     (gemma_ckpt / "config.json").unlink()
     line = export_fails(capsys, tmp_path / "work", "--checkpoint", str(gemma_ckpt))
