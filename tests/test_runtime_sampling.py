@@ -134,3 +134,120 @@ def test_generation_config_defaults(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": -1}))
     with pytest.raises(GemmaRuntimeError, match="generation_config.json.*temperature"):
         read_generation_defaults(tmp_path)
+
+
+# ---- exactness against a sort-based reference, and memory per step ------------------------------
+
+
+def reference_distribution(x, c: SamplingConfig, history=()):
+    """The filters as a plain sort would apply them: rank by probability (ties by id), top-k,
+    top-p over the top-k survivors renormalized, min-p relative to the most probable survivor."""
+    w = x.astype(np.float64)
+    seen = np.array(sorted(set(history)), dtype=np.int64)
+    if c.repetition_penalty != 1 and seen.size:
+        w[seen] = np.where(w[seen] > 0, w[seen] / c.repetition_penalty, w[seen] * c.repetition_penalty)
+    if c.greedy:
+        out = np.zeros_like(w)
+        out[np.argmax(w)] = 1.0
+        return out
+    w *= 1.0 / c.temperature
+    w -= w.max()
+    np.exp(w, out=w)
+    w /= w.sum()
+    ids = np.lexsort((np.arange(w.size), -w))
+    if 0 < c.top_k < w.size:
+        ids = ids[: c.top_k]
+    if c.top_p < 1:
+        p = w[ids] / w[ids].sum() if 0 < c.top_k < w.size else w[ids]
+        before = np.cumsum(p) - p
+        ids = ids[: max(1, int(np.count_nonzero(before < c.top_p)))]
+    if c.min_p > 0:
+        ids = ids[w[ids] >= c.min_p * w[ids].max()]
+    out = np.zeros_like(w)
+    out[ids] = w[ids]
+    return out / out.sum()
+
+
+def random_case(rng):
+    """Logits (continuous, or a few levels so that thresholds fall on ties) and a config."""
+    x = rng.standard_normal(V) * rng.choice([0.05, 1.0, 4.0])
+    if rng.random() < 0.4:
+        x = np.round(x * 2) / 2
+    c = SamplingConfig(
+        temperature=float(rng.choice([0.0, 0.5, 1.0, 1.7])) if rng.random() < 0.9 else 0.0,
+        top_k=int(rng.choice([0, 1, 5, 64, 999, 5000])),
+        top_p=float(rng.choice([1.0, rng.uniform(0.05, 0.999)])),
+        min_p=float(rng.choice([0.0, 1e-6, rng.uniform(0.01, 0.5)])),
+        repetition_penalty=float(rng.choice([1.0, 1.3])),
+    )
+    return x.astype(np.float32), c, rng.integers(0, V, 30).tolist()
+
+
+def test_filters_match_the_sort_based_reference():
+    rng = np.random.default_rng(2026)
+    sizes = []
+    for _ in range(400):
+        x, c, history = random_case(rng)
+        got = Sampler(c, V, history).distribution(x)
+        want = reference_distribution(x, c, history)
+        assert np.array_equal(got > 0, want > 0), c
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-300)
+        sizes.append(int(np.count_nonzero(want)))
+    assert min(sizes) == 1 and max(sizes) > 900 and len(set(sizes)) > 50  # the cases cover narrow and wide sets
+
+
+def test_ties_at_the_threshold_keep_the_lowest_ids():
+    x = np.zeros(V, np.float32)
+    x[[500, 900]] = 1.0
+    d = Sampler(SamplingConfig(temperature=1.0, top_k=5), V).distribution(x)
+    assert np.flatnonzero(d).tolist() == [0, 1, 2, 500, 900]
+    d = Sampler(SamplingConfig(temperature=1.0, top_p=0.5), V).distribution(np.zeros(V, np.float32))
+    assert np.flatnonzero(d).tolist() == list(range(500))  # mass before id 500 is 0.5: it stays out
+
+
+def test_filtered_draws_follow_the_distribution():
+    x = logits(4)
+    c = SamplingConfig(temperature=1.3, top_k=6, top_p=0.9, min_p=0.02, seed=5)
+    want = Sampler(c, V).distribution(x)
+    counts = np.bincount(draws(c, x, 6000), minlength=V) / 6000
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want)) and np.count_nonzero(want) >= 3
+    np.testing.assert_allclose(counts, want, atol=0.025)
+
+
+BIG_V = 262_144  # Gemma 3's vocabulary
+
+
+@pytest.mark.parametrize("name, config, scale", [
+    ("greedy", SamplingConfig(), 3.0),
+    ("temperature", SamplingConfig(temperature=0.8), 3.0),
+    ("top_k", SamplingConfig(temperature=1.0, top_k=64), 3.0),
+    ("top_p wide nucleus", SamplingConfig(temperature=1.0, top_p=0.95), 0.05),
+    ("min_p tiny", SamplingConfig(temperature=1.0, min_p=1e-6), 1.5),
+    ("repetition penalty", SamplingConfig(repetition_penalty=1.3), 3.0),
+    ("all combined", SamplingConfig(temperature=0.9, top_k=4096, top_p=0.9, min_p=1e-4,
+                                    repetition_penalty=1.2), 0.5),
+])
+def test_one_step_allocates_at_most_one_vocabulary_sized_array(name, config, scale):
+    """tracemalloc sees numpy's data allocations: the peak during one step (after the Sampler's
+    own buffers exist) stays within one float64 array of the vocabulary plus small slack."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(BIG_V) * scale).astype(np.float32).reshape(1, BIG_V)  # the decoder's [1, V]
+    history = rng.integers(0, BIG_V, 300).tolist()
+    kept = np.count_nonzero(reference_distribution(x.reshape(-1), config, history))
+    if name == "top_p wide nucleus":
+        assert kept > 64 * 8 ** 3  # wider than every guess before the whole vocabulary
+    if name == "min_p tiny":
+        assert kept > BIG_V // 2
+    sampler = Sampler(config, BIG_V, history)
+    tracemalloc.start()
+    try:
+        for step in range(2):
+            tracemalloc.reset_peak()
+            token = sampler.choose(x)
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak <= 8 * BIG_V + 64 * 1024, f"{name}: step {step} peaked at {peak} bytes"
+    finally:
+        tracemalloc.stop()
+    assert reference_distribution(x.reshape(-1), config, history)[token] > 0
