@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import warnings
 
 import onnxruntime as ort
 import pytest
 
 import gemma_runtime.providers as providers
 from gemma_runtime import InvalidArgumentError, Model, ProviderError
+from gemma_runtime.errors import ProviderFallbackWarning
 from gemma_runtime.providers import PROVIDERS, resolve_provider
 from gemma_runtime.session_cache import graph_cache_key
-from test_runtime_model import BOS, Fake
+from test_runtime_model import BOS, Fake, tokenizer
 
 MISSING = [p for p in PROVIDERS.values() if not providers.is_available(p)]
 
@@ -35,6 +38,72 @@ def test_missing_provider_names_the_package(provider):
     if provider.name == "qnn":  # a target's default provider is checked the same way
         with pytest.raises(ProviderError, match="onnxruntime-qnn"):
             resolve_provider(None, "qnn-x-elite")
+
+
+def only_cpu(monkeypatch):
+    """This onnxruntime as a plain CPU build, whatever is installed here."""
+    monkeypatch.setattr(providers, "is_available", lambda p: p.name == "cpu")
+
+
+@pytest.mark.parametrize("target", ["cuda", "openvino", "dml", "coreml"])
+def test_missing_preferred_provider_warns_and_takes_the_next(target, monkeypatch):
+    """targets/{cuda,openvino,dml,coreml}.toml list [X, "cpu"]: without X the CPU runs, loudly."""
+    only_cpu(monkeypatch)
+    with pytest.warns(ProviderFallbackWarning) as record:
+        assert resolve_provider(None, target, (target, "cpu")) == "CPUExecutionProvider"
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert f"'{target}' ({PROVIDERS[target].ort_name}) of the export's target '{target}' is not in the installed" in message
+    assert f"install {PROVIDERS[target].package} to use it" in message and "runs on 'cpu'" in message
+    with pytest.raises(ProviderError, match=f"'{target}'.*not in the installed onnxruntime"):
+        resolve_provider(target, target, (target, "cpu"))  # asked for by name: an error, never a fallback
+
+
+def test_fallback_names_every_skipped_provider_and_none_when_first_is_there(monkeypatch):
+    only_cpu(monkeypatch)
+    with pytest.warns(ProviderFallbackWarning, match=r"'qnn' \(QNNExecutionProvider\), 'cuda' "
+                                                     r"\(CUDAExecutionProvider\) of the export's target 'x' are not"):
+        assert resolve_provider(None, "x", ("qnn", "cuda", "cpu")) == "CPUExecutionProvider"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_provider(None, "cpu", ("cpu", "cuda")) == "CPUExecutionProvider"
+        assert resolve_provider("cpu", "cuda", ("cuda", "cpu")) == "CPUExecutionProvider"
+
+
+def cuda_target_export(tmp_path):
+    """A Fake text export whose manifest says target cuda, providers [cuda, cpu]."""
+    out = Fake(vocab=tokenizer().get_vocab_size(), stop=(1,), seed=2).write(tmp_path / "out", tokenizer=tokenizer())
+    raw = json.loads((out / "manifest.json").read_text())
+    raw.update(target="cuda", providers=["cuda", "cpu"])
+    (out / "manifest.json").write_text(json.dumps(raw))
+    return out
+
+
+def test_model_load_warns_once_and_runs_on_cpu(tmp_path, monkeypatch):
+    only_cpu(monkeypatch)
+    out = cuda_target_export(tmp_path)
+    with pytest.warns(ProviderFallbackWarning, match="install onnxruntime-gpu") as record:
+        model = Model.load(out)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller's Model.load
+    assert model.provider == "CPUExecutionProvider" and model.generate_ids([BOS, 4, 5], max_new_tokens=3)
+
+
+def test_cli_fallback_warning_is_one_line(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    out = cuda_target_export(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "gemma_runtime.cli", str(out), "ab", "--max-new-tokens", "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("gemma-run: warning: execution provider 'cuda'")
+    assert "install onnxruntime-gpu" in proc.stderr and "--provider cpu" in proc.stderr
+    assert proc.stdout.strip()  # and it answered
+    quiet = subprocess.run([sys.executable, "-m", "gemma_runtime.cli", str(out), "ab", "--max-new-tokens", "3",
+                            "--provider", "cpu"], capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == proc.stdout
+    failed = subprocess.run([sys.executable, "-m", "gemma_runtime.cli", str(out), "ab", "--provider", "cuda"],
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "onnxruntime-gpu" in failed.stderr
 
 
 def test_cli_missing_provider_is_one_line(tmp_path):

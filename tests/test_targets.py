@@ -12,6 +12,8 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import warnings
+
 import onnxruntime as ort
 import pytest
 
@@ -19,6 +21,7 @@ from gemma_export.cli import main as export_main
 from gemma_export.errors import ExportError
 from gemma_export.targets import graph_pass_names, load_target, parse_target, target_names
 from gemma_runtime import Model, ProviderError
+from gemma_runtime.errors import ProviderFallbackWarning
 from gemma_runtime.providers import PROVIDERS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,21 +106,35 @@ def test_unknown_target_is_a_clear_error(capsys):
 
 def test_export_records_the_target_and_the_runtime_picks_its_provider(tiny, tmp_path):
     """--target cuda on the tiny Gemma 3: the manifest names the target and its providers; with no
-    CUDA here the runtime takes the target's second choice, the CPU, and runs the graph."""
+    CUDA here the runtime takes the target's second choice, the CPU, with a warning naming the
+    package to install, and runs the graph; --provider cuda stays an error."""
     out = tmp_path / "cuda"
     assert export_main(["--checkpoint", str(tiny.checkpoint("gemma3_sw8")), "--target", "cuda", "--quant", "fp32",
                         "--max-context", "32", "--prefill-chunk", "8", "--quiet", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "cuda" and manifest["providers"] == ["cuda", "cpu"]
     assert (manifest["quant"], manifest["max_context"], manifest["prefill_chunk"]) == ("fp32", 32, 8)
-    model = Model.load(out)
-    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPUExecutionProvider"
-    assert model.provider == expected
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = Model.load(out)
+    fallbacks = [str(w.message) for w in caught if issubclass(w.category, ProviderFallbackWarning)]
+    if has_cuda:
+        assert model.provider == "CUDAExecutionProvider" and fallbacks == []
+    else:
+        assert model.provider == "CPUExecutionProvider"
+        assert len(fallbacks) == 1 and "'cuda' (CUDAExecutionProvider) of the export's target 'cuda'" in fallbacks[0]
+        assert "runs on 'cpu'" in fallbacks[0] and "install onnxruntime-gpu" in fallbacks[0]
+        with pytest.raises(ProviderError, match="'cuda'.*not in the installed onnxruntime.*onnxruntime-gpu"):
+            Model.load(out, provider="cuda")  # asked for by name: no fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProviderFallbackWarning)
+        assert Model.load(out, provider="cpu").provider == "CPUExecutionProvider"  # chosen: no warning
     reference = Model.load(tiny.export("gemma3_sw8"))  # the cpu target's export of the same weights
     assert model.generate_ids([2, 5, 6, 7], max_new_tokens=4) == reference.generate_ids([2, 5, 6, 7], max_new_tokens=4)
 
     # a manifest whose only provider is missing is an error naming its package, not a CPU run
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if not has_cuda:
         only = tmp_path / "cuda-only"
         shutil.copytree(out, only)
         manifest["providers"] = ["cuda"]

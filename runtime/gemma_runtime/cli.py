@@ -4,7 +4,8 @@ Chat reads one user turn per line from stdin (`/reset` clears the history, `/exi
 streams each answer to stdout and prints a line of figures to stderr after it. Each turn reuses
 the KV cache of the conversation so far. A turn that would overflow the context is refused with
 the limit named, and the session goes on (use /reset). Every error is one line on stderr and a
-non-zero exit (2; 130 on Ctrl-C).
+non-zero exit (2; 130 on Ctrl-C); a warning while loading (e.g. the target's preferred provider
+is not installed, so the next one runs) is one line on stderr and the run goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .errors import ContextLengthError, GemmaRuntimeError, TokenizerMissingError
 from .model import GenerationStats, Model
@@ -144,6 +146,17 @@ def _chat(model: Model, args, sampling: dict) -> None:
         print(stats_line(model.last_stats), file=sys.stderr, flush=True)
 
 
+def _load(args) -> Model:
+    """Model.load, its warnings printed as one line each (not Python's two-line format)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # the runtime's own; others keep their filters
+        try:
+            return Model.load(args.out, provider=args.provider, threads=args.threads, graph_cache=args.graph_cache)
+        finally:
+            for w in caught:
+                print(f"gemma-run: warning: {' '.join(str(w.message).split())}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # intermixed: `gemma-run OUT --image cat.jpg "prompt"` (the prompt after the options)
@@ -152,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("PROMPT is required (or --chat)")
     try:
         sampling = _sampling(args)
-        model = Model.load(args.out, provider=args.provider, threads=args.threads, graph_cache=args.graph_cache)
+        model = _load(args)
         (_chat if args.chat else _complete)(model, args, sampling)
     except TokenizerMissingError as err:
         print(f"gemma-run: error: {err} (from Python: Model.load(...).generate_ids(ids))", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 Every one subclasses GemmaRuntimeError, so the CLI can print it as one line without a
 traceback. ManifestError lives in manifest.py (the schema module) and subclasses it too.
+ProviderFallbackWarning is a warning, not an error: the run goes on, on another provider.
 """
 
 
@@ -23,6 +24,10 @@ class TokenizerMissingError(GemmaRuntimeError):
 
 class ProviderError(GemmaRuntimeError):
     """The requested onnxruntime execution provider is not available on this machine."""
+
+
+class ProviderFallbackWarning(UserWarning):
+    """The export target's preferred provider is not installed; its next choice (often the CPU) runs."""
 
 
 class InvalidArgumentError(GemmaRuntimeError, ValueError):

@@ -1,11 +1,15 @@
 """Execution providers: short names, the default from the export's target, clear errors.
 
-A provider the installed onnxruntime lacks is an error naming the package that has it; a
-provider that is present but fails to initialize (onnxruntime then falls back to CPU with only
-a warning) is caught after the session is made (model.py). Never a silent CPU fallback.
+A provider asked for explicitly (--provider / provider=) that the installed onnxruntime lacks is
+an error naming the package that has it; a provider that is present but fails to initialize
+(onnxruntime then falls back to CPU with only a warning) is caught after the session is made
+(session_cache.py). Never a silent CPU fallback.
 
 The default provider is the first of the manifest's `providers` (the export target's list, most
-preferred first) that this onnxruntime has. Plugin execution providers (onnxruntime >= 1.22's EP
+preferred first) that this onnxruntime has. Taking a later one than the first (cuda.toml lists
+["cuda", "cpu"]: the graphs run on the CPU too) is a ProviderFallbackWarning naming the missing
+provider and its package, so a user who installed plain onnxruntime learns why it is slow; none
+of them installed is a ProviderError. Plugin execution providers (onnxruntime >= 1.22's EP
 libraries, e.g. PyPI's onnxruntime-qnn) are registered on first use and added to a session by
 their devices, with onnxruntime's CPU fallback disabled: a node the accelerator cannot take is an
 error when the session is made, not a slow silent CPU run.
@@ -14,11 +18,12 @@ error when the session is made, not a slow silent CPU run.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from .errors import ProviderError
+from .errors import ProviderError, ProviderFallbackWarning
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,11 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
                 f"onnxruntime {ort.__version__}: install {' or '.join(PROVIDERS[p].package for p in preferred)}, "
                 f"or pass --provider cpu to run it on the CPU"
             )
-        return PROVIDERS[have[0]].ort_name
+        chosen = PROVIDERS[have[0]]
+        skipped = [PROVIDERS[p] for p in preferred[: preferred.index(have[0])]]
+        if skipped:
+            warnings.warn(fallback_message(skipped, chosen, target), ProviderFallbackWarning, stacklevel=3)
+        return chosen.ort_name
     if requested is None:
         provider = provider_for_target(target)
     elif requested.lower() in PROVIDERS:
@@ -93,6 +102,15 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
             f"(pip uninstall onnxruntime && pip install {provider.package.split()[0]})"
         )
     return provider.ort_name
+
+
+def fallback_message(skipped: list[Provider], chosen: Provider, target: str) -> str:
+    names = ", ".join(f"{p.name!r} ({p.ort_name})" for p in skipped)
+    verb = "is" if len(skipped) == 1 else "are"
+    return (f"execution provider {names} of the export's target {target!r} {verb} not in the installed "
+            f"onnxruntime {ort.__version__}, so the model runs on {chosen.name!r}, the target's next choice, "
+            f"which may be much slower: install {' or '.join(p.package for p in skipped)} to use it, or pass "
+            f"--provider {chosen.name} (provider={chosen.name!r}) to choose {chosen.name!r} and silence this warning")
 
 
 # ---- plugin execution providers -----------------------------------------------------------------
