@@ -19,6 +19,7 @@ from gemma_runtime import (
     SamplingError,
 )
 from gemma_runtime.cli import main
+from gemma_runtime.errors import GenerationConfigError
 from test_runtime_model import BOS, Fake, tokenizer
 
 
@@ -123,3 +124,17 @@ def test_chat_cli_refuses_an_overlong_turn_and_goes_on(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "context limit of 24 tokens" in proc.stderr and "/reset" in proc.stderr
     assert proc.stderr.count("time to first token") == 1  # the second turn was answered
+
+
+def test_generation_config_with_a_non_numeric_value(tmp_path, capsys):
+    """A checksummed generation_config.json whose repetition_penalty is "x": the runtime's error
+    naming the file and the field, and one line with exit 2 from the CLI (not a traceback)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "repetition_penalty": "x"}))
+    out = Fake(vocab=tokenizer().get_vocab_size(), stop=(1,), seed=2).write(tmp_path / "out", tokenizer=tokenizer())
+    assert "generation_config.json" in json.loads((out / "manifest.json").read_text())["files"]
+    with pytest.raises(GenerationConfigError, match=r"out/generation_config.json: repetition_penalty must be a number, "
+                                                    r"got 'x'"):
+        Model.load(out)
+    err = cli_fails(capsys, out, "ab")
+    assert "generation_config.json: repetition_penalty must be a number, got 'x'" in err

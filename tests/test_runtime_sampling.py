@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_runtime import GemmaRuntimeError, SamplingConfig, SamplingError
+from gemma_runtime.errors import GenerationConfigError
 from gemma_runtime.generation_config import read_generation_defaults
 from gemma_runtime.sampling import Sampler
 
@@ -135,6 +136,27 @@ def test_generation_config_defaults(tmp_path):
     with pytest.raises(GemmaRuntimeError, match="generation_config.json.*temperature"):
         read_generation_defaults(tmp_path)
 
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": None, "temperature": 0.5}))
+    assert read_generation_defaults(tmp_path).sampling == SamplingConfig(temperature=0.5)  # null top_k: off
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"repetition_penalty": "x"}, "repetition_penalty must be a number, got 'x'"),
+    ({"repetition_penalty": "1.2"}, "repetition_penalty must be a number, got '1.2'"),
+    ({"do_sample": True, "temperature": "hot"}, "temperature must be a number, got 'hot'"),
+    ({"do_sample": False, "top_p": [0.9]}, r"top_p must be a number, got \[0.9\]"),  # checked though greedy ignores it
+    ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer, got 2.5"),
+    ({"min_p": True}, "min_p must be a number, got True"),
+    ({"max_new_tokens": "many"}, "max_new_tokens must be an integer, got 'many'"),
+    ({"max_new_tokens": -3}, "max_new_tokens must be >= 0, got -3"),
+    ({"do_sample": "yes"}, "do_sample must be true or false, got 'yes'"),
+    ({"do_sample": True, "top_p": 1.5}, r"cannot use: top_p must be in \(0, 1\]"),
+])
+def test_generation_config_values_of_the_wrong_kind(tmp_path, raw, match):
+    (tmp_path / "generation_config.json").write_text(json.dumps(raw))
+    with pytest.raises(GenerationConfigError, match=f"generation_config.json.*{match}") as err:
+        read_generation_defaults(tmp_path)
+    assert str(tmp_path) in str(err.value) and isinstance(err.value, GemmaRuntimeError)
 
 # ---- exactness against a sort-based reference, and memory per step ------------------------------
 

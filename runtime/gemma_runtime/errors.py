@@ -22,6 +22,10 @@ class TokenizerMissingError(GemmaRuntimeError):
     """The export folder has no tokenizer.json, so text in / text out is not possible."""
 
 
+class GenerationConfigError(GemmaRuntimeError):
+    """The export's generation_config.json cannot be read or holds a value of the wrong kind."""
+
+
 class ProviderError(GemmaRuntimeError):
     """The requested onnxruntime execution provider is not available on this machine."""
 
