@@ -59,3 +59,92 @@ def test_bad_layouts_are_clear_errors(tmp_path, spec, match):
     (tmp_path / "x.bin").write_bytes(bytes(16))
     with pytest.raises(ManifestError, match=match):
         HostTableReader.open(tmp_path, "embed_tokens", spec)
+
+
+# ---- int4 per row, written here from the layout in manifest.HostTable's docstring ---------------
+
+
+def _int4_reference(real: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(packed rows, scales, dequantized rows): q = round(x / s) in [-7, 7], s = max|x| / 7; byte j
+    of a row holds column 2j in its low nibble and 2j + 1 in its high nibble (0 past an odd end)."""
+    scales = (np.abs(real).max(1) / 7).astype(np.float32)
+    q = np.clip(np.rint(real / np.where(scales > 0, scales, 1)[:, None]), -7, 7).astype(np.int64)
+    rows, cols = q.shape
+    packed = bytearray()
+    for r in range(rows):
+        for j in range(0, cols, 2):
+            low = q[r, j] & 0xF
+            high = q[r, j + 1] & 0xF if j + 1 < cols else 0
+            packed.append(low | high << 4)
+    return bytes(packed), scales, q.astype(np.float32) * scales[:, None]
+
+
+def _int4_table(tmp_path, real: np.ndarray) -> tuple[HostTableReader, np.ndarray]:
+    packed, scales, want = _int4_reference(real)
+    offset = len(packed) + (-len(packed) % 64)
+    (tmp_path / "q4.bin").write_bytes(packed + bytes(offset - len(packed)) + scales.tobytes())
+    rows, cols = real.shape
+    spec = HostTable("q4.bin", "int4", (rows, cols), 0, "per_row", "float32", offset, row_bytes=(cols + 1) // 2)
+    return HostTableReader.open(tmp_path, "embed_tokens", spec), want
+
+
+@pytest.mark.parametrize("cols", [1, 5, 6, 7, 64])
+def test_int4_per_row_lookup_equals_the_dequantized_rows(tmp_path, cols):
+    rng = np.random.default_rng(cols)
+    real = rng.standard_normal((13, cols)).astype(np.float32)
+    real[4] = 0  # a zero row: scale 0, rows of zeros
+    reader, want = _int4_table(tmp_path, real)
+    ids = np.array([12, 0, 4, 7, 7, 3])
+    np.testing.assert_array_equal(reader.lookup(ids), want[ids])
+    out = np.full((len(ids), cols), np.nan, np.float32)  # the decode loop's preallocated rows
+    assert reader.lookup(ids, out=out) is out
+    np.testing.assert_array_equal(out, want[ids])
+    strided = np.full((len(ids), 2 * cols), np.nan, np.float32)[:, ::2]  # a view that is not contiguous
+    reader.lookup(ids, out=strided)
+    np.testing.assert_array_equal(strided, want[ids])
+    assert np.abs(reader.lookup(ids) - real[ids]).max() <= reader.scales[ids].max() / 2 + 1e-6
+
+
+def test_int4_decodes_every_nibble(tmp_path):
+    """Each byte value 0..255 as a row of two columns: low nibble first, two's complement (-8..7)."""
+    data = bytes(range(256))
+    offset = len(data)
+    scales = np.full(256, 0.5, np.float32)
+    (tmp_path / "n.bin").write_bytes(data + scales.tobytes())
+    reader = HostTableReader.open(tmp_path, "embed_tokens", HostTable("n.bin", "int4", (256, 2), 0, "per_row", "float32", offset, 1))
+    signed = lambda v: v - 16 if v >= 8 else v  # noqa: E731
+    want = np.array([[signed(b & 15), signed(b >> 4)] for b in range(256)], np.float32) * 0.5
+    np.testing.assert_array_equal(reader.lookup(np.arange(256)), want)
+
+
+def test_int4_lookup_allocates_only_its_output(tmp_path):
+    """No packed or dequantized copy of the looked-up rows: with `out` given, a lookup of 128 rows of
+    2048 columns (1 MiB of float32 out, 128 KiB packed) allocates a few KiB at most."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    reader, want = _int4_table(tmp_path, rng.standard_normal((256, 2048)).astype(np.float32))
+    ids = rng.integers(0, 256, 128)
+    out = np.empty((128, 2048), np.float32)
+    reader.lookup(ids, out=out)  # warm up
+    tracemalloc.start()
+    reader.lookup(ids, out=out)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_array_equal(out, want[ids])
+    assert peak < 32 * 1024, peak
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (HostTable("x.bin", "int2", (2, 2), 0, "per_row", "float32", 4), r"dtype in \['int4', 'int8'\].*'int2'"),
+        (HostTable("x.bin", "int4", (2, 5), 0, "per_row", "float32", 8, row_bytes=5), "take 3 bytes.*row_bytes=5"),
+        (HostTable("x.bin", "int8", (2, 4), 0, "per_row", "float32", 8, row_bytes=2), "take 4 bytes.*row_bytes=2"),
+        (HostTable("x.bin", "int4", (4, 8), 0, "per_row", "float32", 16), "holds 16 bytes but its layout needs 32"),
+    ],
+)
+def test_bad_int4_layouts_are_clear_errors(tmp_path, spec, match):
+    (tmp_path / "x.bin").write_bytes(bytes(16))
+    with pytest.raises(ManifestError, match=match):
+        HostTableReader.open(tmp_path, "embed_tokens", spec)

@@ -46,9 +46,12 @@ class GraphSpec:
 class HostTable:
     """A row-lookup table kept on the host: token id -> one row.
 
-    Rows are stored row-major at `data_offset` in `file`, `shape = (rows, cols)`.
-    `scale_layout` is None for float tables; "per_row" means an int table whose
-    row r dequantizes as data[r] * scale[r] with `scale_dtype` scales at `scale_offset`.
+    Rows are stored row-major at `data_offset` in `file`, `shape = (rows, cols)`, each row
+    `row_bytes` long. `scale_layout` is None for float tables ("float32", "float16"); "per_row"
+    means an int table whose row r dequantizes as data[r] * scale[r] with `scale_dtype` scales at
+    `scale_offset`. dtype "int8": one value a byte. dtype "int4": two signed (two's complement)
+    4-bit values a byte, column 2j in the low nibble of byte j and column 2j+1 in its high nibble
+    (MatMulNBits' order), row_bytes = ceil(cols / 2); an odd row's last high nibble is 0.
     Rows already carry the embedding multiplier (sqrt(H) or sqrt(P)).
     """
 
@@ -59,6 +62,8 @@ class HostTable:
     scale_layout: str | None = None
     scale_dtype: str | None = None
     scale_offset: int | None = None
+    # None in manifests written before int4 tables: cols * the dtype's size
+    row_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,28 @@ from .manifest import HostTable, ManifestError
 
 # Row dtypes this runtime dequantizes; anything else must fail loudly, never be misread.
 _FLOAT_DTYPES = {"float32", "float16"}
-_INT_DTYPES = {"int8"}
+_INT_DTYPES = {"int8", "int4"}
 _SCALE_DTYPES = {"float32", "float16"}
+
+# int4 rows: byte b -> (its low nibble, its high nibble) as signed 4-bit values, in float32. A
+# row decodes with one np.take over its bytes straight into the output row (columns 2j, 2j+1).
+_BYTES = np.arange(256, dtype=np.uint8)
+_INT4_NIBBLES = np.stack([((_BYTES & 0x0F) ^ 8).astype(np.int8) - 8, _BYTES.view(np.int8) >> 4], axis=1).astype(np.float32)
+
+
+def row_bytes(dtype: str, cols: int) -> int:
+    """Bytes one stored row of `cols` values takes: int4 packs two values a byte."""
+    return (cols + 1) // 2 if dtype == "int4" else cols * np.dtype(dtype).itemsize
+
+
+def _dequantize_int4_row(packed: np.ndarray, scale: np.float32, row: np.ndarray) -> None:
+    """row (float32 [cols], C-contiguous) = the signed nibbles of `packed` (uint8 [ceil(cols/2)])
+    times `scale`, in place; an odd row's last byte holds its last column in the low nibble."""
+    pairs = row.shape[0] // 2
+    np.take(_INT4_NIBBLES, packed[:pairs], axis=0, out=row[: 2 * pairs].reshape(pairs, 2), mode="clip")
+    if row.shape[0] % 2:
+        row[-1] = _INT4_NIBBLES[packed[pairs], 0]
+    row *= scale
 
 
 @dataclass(frozen=True)
@@ -21,7 +41,7 @@ class HostTableReader:
 
     name: str
     spec: HostTable
-    data: np.memmap  # [rows, cols]
+    data: np.memmap  # [rows, cols]; int4: uint8 [rows, row_bytes], two values a byte
     scales: np.memmap | None  # [rows] for "per_row"
     # Ids at or above this read row 0 (Gemma 3n's per-layer table is smaller than the vocab).
     row0_from: int | None = None
@@ -48,8 +68,14 @@ class HostTableReader:
                 f"table {name!r}: scale layout {spec.scale_layout!r} is not supported by this runtime "
                 f"(supported: None, 'per_row'); upgrade gemma-runtime or re-export"
             )
+        width = row_bytes(spec.dtype, cols)
+        if spec.row_bytes is not None and spec.row_bytes != width:
+            raise ManifestError(
+                f"table {name!r}: {spec.dtype} rows of {cols} values take {width} bytes, the manifest says "
+                f"row_bytes={spec.row_bytes}; the manifest and the file disagree: re-export"
+            )
         size = path.stat().st_size
-        data_end = spec.data_offset + rows * cols * np.dtype(spec.dtype).itemsize
+        data_end = spec.data_offset + rows * width
         scale_end = 0
         if spec.scale_layout == "per_row":
             scale_end = spec.scale_offset + rows * np.dtype(spec.scale_dtype).itemsize
@@ -58,7 +84,10 @@ class HostTableReader:
                 f"table {name!r}: {spec.file} holds {size} bytes but its layout needs "
                 f"{max(data_end, scale_end)}; the manifest and the file disagree: re-export"
             )
-        data = np.memmap(path, dtype=spec.dtype, mode="r", offset=spec.data_offset, shape=(rows, cols))
+        if spec.dtype == "int4":  # packed bytes [rows, row_bytes], decoded row by row on lookup
+            data = np.memmap(path, dtype=np.uint8, mode="r", offset=spec.data_offset, shape=(rows, width))
+        else:
+            data = np.memmap(path, dtype=spec.dtype, mode="r", offset=spec.data_offset, shape=(rows, cols))
         scales = None
         if spec.scale_layout == "per_row":
             scales = np.memmap(path, dtype=spec.scale_dtype, mode="r", offset=spec.scale_offset, shape=(rows,))
@@ -82,6 +111,15 @@ class HostTableReader:
             out = np.empty((ids.size, self.cols), dtype=np.float32)
         elif out.shape != (ids.size, self.cols) or out.dtype != np.float32:
             raise ValueError(f"table {self.name!r}: out must be float32 {(ids.size, self.cols)}, got {out.dtype} {out.shape}")
+        if self.spec.dtype == "int4":
+            # row by row from the memory map into `out` (a contiguous stand-in if `out` is strided):
+            # no packed or dequantized copy of the looked-up rows beside the output
+            rows_out = out if out.flags.c_contiguous else np.empty_like(out)
+            for k, i in enumerate(ids):
+                _dequantize_int4_row(self.data[i], self.scales[i], rows_out[k])
+            if rows_out is not out:
+                np.copyto(out, rows_out)
+            return out
         if self.data.dtype == np.float32:
             np.take(self.data, ids, axis=0, out=out)  # straight from the memory map into `out`
         else:
