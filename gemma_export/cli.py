@@ -16,6 +16,7 @@ SUBCOMMANDS = ("eval", "bench", "check", "slice")
 
 
 def _export_parser() -> argparse.ArgumentParser:
+    from .recipes import TABLE_FORMATS
     from .targets import target_names
     from .variants import NAMED_VARIANTS
 
@@ -38,7 +39,8 @@ def _export_parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level: 0 = float activations (default), 4 = int8 (faster, less exact)")
     q.add_argument("--lm-head", type=int, dest="lm_head_bits", help="LM head bits: 4, 8 (int4 default) or 32 (keep float)")
     q.add_argument("--rtn", dest="scale_search", action="store_false", default=None, help="plain round-to-nearest scales (no search)")
-    q.add_argument("--tables", choices=["float32", "int8"], help="host table rows (int8 per row under int4/int8)")
+    q.add_argument("--tables", choices=list(TABLE_FORMATS),
+                   help="host table rows: float32, int8 or int4 per row (int8 under int4/int8)")
     p.add_argument("--target", default="cpu", choices=target_names(),
                    help="build target (targets/*.toml): providers, weight format, sizes; default cpu")
     p.add_argument("--max-context", type=int, help="tokens the KV cache holds (default: the target's, 4096 for cpu)")

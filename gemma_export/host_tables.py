@@ -2,9 +2,19 @@
 per-layer embeddings (per_layer.bin). Kept out of the graphs (the runtime memory-maps them), rows
 already multiplied by their embedding scale, written in blocks so memory stays bounded.
 
-Row formats: float32, or int8 per row (the int8/int4 recipes): row r is stored as
-q[r] = round(x[r] / s[r]) in [-127, 127] with s[r] = max|x[r]| / 127, the int8 rows first and the
-float32 scales after them (HostTable scale_layout "per_row"); the runtime dequantizes q[r] * s[r].
+Row formats (TABLE_FORMATS in recipes.py), each a HostTable layout of the manifest:
+- float32: the rows as they are.
+- int8 per row (the default of the int8/int4 recipes): q[r] = round(x[r] / s[r]) in [-127, 127]
+  with s[r] = max|x[r]| / 127, one byte a value.
+- int4 per row: q[r] = round(x[r] / s[r]) in [-7, 7] with s[r] = max|x[r]| / 7, two values a byte
+  (two's complement nibbles, column 2j in the low nibble of byte j, 2j+1 in the high one, as
+  MatMulNBits packs; a row of odd width ends in a byte whose high nibble is 0), ceil(cols / 2)
+  bytes a row. Symmetric [-7, 7] rather than [-8, 7]: with one scale and no zero point, the row's
+  largest magnitude, positive or negative, lands exactly on +-7 (with -8 and s = max / 8 a positive
+  peak would clip to 7, one whole step off at the row's largest value); -8 is left unused as -128
+  is for int8.
+The quantized rows come first, then (at a 64-byte aligned offset) one float32 scale a row
+(scale_layout "per_row"); the runtime dequantizes q[r] * s[r] for the looked-up rows only.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import numpy as np
 import torch
 
 from gemma_runtime.manifest import HostTable
+from gemma_runtime.tables import row_bytes
 
 from .variants import Variant
 from .weights import EMBED_TOKENS, PER_LAYER, TEXT_PREFIX, TensorSource, table_rows
@@ -33,45 +44,73 @@ def _write_float32(path: Path, rows) -> tuple[int, int]:
     return count, cols
 
 
+def _row_scales(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q float32 in [-top, top], scales float32 [rows]): symmetric per row, s = max|x[r]| / top."""
+    x = np.asarray(x, dtype=np.float32)
+    scales = (np.abs(x).max(axis=1) / top).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1).astype(np.float32)
+    return np.clip(np.rint(x / safe[:, None]), -top, top), scales
+
+
 def quantize_rows_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(q int8 [rows, cols], scales float32 [rows]): x[r] ~ q[r] * scales[r]."""
-    x = np.asarray(x, dtype=np.float32)
-    peak = np.abs(x).max(axis=1)
-    scales = (peak / 127).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1).astype(np.float32)
-    q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
-    return q, scales
+    q, scales = _row_scales(x, 127)
+    return q.astype(np.int8), scales
 
 
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 [rows, cols] in [-8, 7] -> uint8 [rows, ceil(cols / 2)]: column 2j in the low nibble of
+    byte j, 2j+1 in its high nibble, two's complement; an odd last column leaves a zero high nibble."""
+    nibbles = np.asarray(q, dtype=np.int8).view(np.uint8) & 0x0F
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)))
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def quantize_rows_int4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 [rows, ceil(cols / 2)], scales float32 [rows]): x[r] ~ q[r] * scales[r] with
+    q[r] in [-7, 7], packed by pack_int4."""
+    q, scales = _row_scales(x, 7)
+    return pack_int4(q.astype(np.int8)), scales
+
+
+# per-row formats: name -> the quantizer of a float32 block of rows
+_PER_ROW = {"int8": quantize_rows_int8, "int4": quantize_rows_int4}
 _SCALE_ALIGN = 64
 
 
-def _write_int8_per_row(path: Path, blocks) -> HostTable:
-    """blocks: float32 arrays [rows_i, cols]; the scales are kept (4 bytes a row) and written last."""
+def _write_per_row(path: Path, blocks, row_format: str) -> HostTable:
+    """blocks: float32 arrays [rows_i, cols], quantized by `row_format`; the scales are kept (4 bytes
+    a row) and written last."""
+    quantize = _PER_ROW[row_format]
     count, cols, scales = 0, 0, []
     with path.open("wb") as f:
         for block in blocks:
-            q, s = quantize_rows_int8(block)
+            q, s = quantize(block)
             f.write(q.tobytes())
             scales.append(s)
-            count, cols = count + q.shape[0], q.shape[1]
-        spec = _int8_spec(path.name, count, cols)
+            count, cols = count + block.shape[0], block.shape[1]
+        spec = _per_row_spec(path.name, count, cols, row_format)
         f.write(b"\0" * (spec.scale_offset - f.tell()))
         f.write(np.concatenate(scales).astype(np.float32).tobytes())
     return spec
 
 
-def _int8_spec(file: str, rows: int, cols: int) -> HostTable:
-    offset = rows * cols + (-(rows * cols) % _SCALE_ALIGN)
-    return HostTable(file=file, dtype="int8", shape=(rows, cols), data_offset=0,
-                     scale_layout="per_row", scale_dtype="float32", scale_offset=offset)
+def _per_row_spec(file: str, rows: int, cols: int, row_format: str) -> HostTable:
+    width = row_bytes(row_format, cols)
+    offset = rows * width + (-(rows * width) % _SCALE_ALIGN)
+    return HostTable(file=file, dtype=row_format, shape=(rows, cols), data_offset=0, scale_layout="per_row",
+                     scale_dtype="float32", scale_offset=offset, row_bytes=width)
 
 
-def quantize_table_file(folder: Path, table: HostTable, source: Path | None = None, rows_per_step: int = 16384) -> HostTable:
-    """A float32 table file (in `source`, default `folder`) written as int8 per row into `folder`
-    under the same file name."""
+def quantize_table_file(folder: Path, table: HostTable, source: Path | None = None, rows_per_step: int = 16384,
+                        row_format: str = "int8") -> HostTable:
+    """A float32 table file (in `source`, default `folder`) written per row in `row_format` ("int8"
+    or "int4") into `folder` under the same file name."""
     if table.dtype != "float32" or table.scale_layout is not None:
         raise ValueError(f"{table.file} is {table.dtype}, not a float32 table")
+    if row_format not in _PER_ROW:
+        raise ValueError(f"unknown per-row table format {row_format!r} (known: {', '.join(_PER_ROW)})")
     src = Path(source or folder) / table.file
     rows, cols = table.shape
     dst = Path(folder) / table.file
@@ -83,9 +122,9 @@ def quantize_table_file(folder: Path, table: HostTable, source: Path | None = No
             offset = table.data_offset + i * cols * 4
             yield np.fromfile(src, dtype=np.float32, count=n * cols, offset=offset).reshape(n, cols)
 
-    _write_int8_per_row(tmp, blocks())
+    _write_per_row(tmp, blocks(), row_format)
     tmp.replace(dst)
-    return _int8_spec(table.file, rows, cols)
+    return _per_row_spec(table.file, rows, cols, row_format)
 
 
 def _with_rows(blocks, overrides: dict[int, np.ndarray]):
@@ -105,7 +144,7 @@ def _with_rows(blocks, overrides: dict[int, np.ndarray]):
 
 def write_host_tables(variant: Variant, tensors: TensorSource, folder: Path, row_format: str = "float32",
                       embed_overrides: dict[int, np.ndarray] | None = None) -> dict[str, HostTable]:
-    """Writes the tables in `row_format` ("float32" or "int8"); returns their manifest entries.
+    """Writes the tables in `row_format` ("float32", "int8" or "int4"); returns their manifest entries.
     embed_overrides: first row -> float32 rows [n, H] written into embed_tokens.bin instead of the
     scaled text rows (Gemma 3n: the vision/audio vocabularies, embedded by their hard paths)."""
     prefix = TEXT_PREFIX[variant.architecture]
@@ -121,11 +160,11 @@ def write_host_tables(variant: Variant, tensors: TensorSource, folder: Path, row
             if end > tensors.shape(name)[0]:
                 raise ValueError(f"embed_tokens has {tensors.shape(name)[0]} rows; the hard-token rows end at {end}")
             blocks = _with_rows(blocks, embed_overrides)
-        if row_format == "int8":
-            tables[table] = _write_int8_per_row(folder / file, (b.detach().to("cpu").float().numpy() for b in blocks))
+        if row_format in _PER_ROW:
+            tables[table] = _write_per_row(folder / file, (b.detach().to("cpu").float().numpy() for b in blocks), row_format)
         elif row_format == "float32":
             rows, cols = _write_float32(folder / file, blocks)
-            tables[table] = HostTable(file=file, dtype="float32", shape=(rows, cols))
+            tables[table] = HostTable(file=file, dtype="float32", shape=(rows, cols), row_bytes=row_bytes("float32", cols))
         else:
             raise ValueError(f"unknown host table format {row_format!r}")
     return tables

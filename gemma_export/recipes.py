@@ -7,10 +7,11 @@ dataclasses.replace and are checked here, so a recipe that makes no sense fails 
 Tensor classes of the decoder graph (passes/classify.py decides them from the exporter's module
 paths): attention (q/k/v/o projections), mlp (gate/up/down), lm_head (the largest single weight),
 other (Gemma 3n's AltUp/Laurel/per-layer projections: small, kept float32 by the named recipes).
-Host tables (embed_tokens, per_layer) have their own row format. The encoders of Gemma 3n
-(vision.onnx, audio.onnx) have one format each (`vision`, `audio`): 8 bits only, their weight
-MatMuls as MatMulNBits and their Conv kernels int8 per output channel behind a DequantizeLinear
-(passes/convs.py); command-line block options do not touch them.
+Host tables (embed_tokens, per_layer) have their own row format (TABLE_FORMATS, host_tables.py):
+float32, int8 per row (the int8/int4 recipes' default) or int4 per row (`--tables int4`, half of
+int8's bytes). The encoders of Gemma 3n (vision.onnx, audio.onnx) have one format each (`vision`,
+`audio`): 8 bits only, their weight MatMuls as MatMulNBits and their Conv kernels int8 per output
+channel behind a DequantizeLinear (passes/convs.py); command-line block options do not touch them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # to 0: on Gemma 3 270M, int8 activations (4) cost 2.3 points of top-1 agreement at int8 weights
 # (96.1% vs 98.4%, 1024 tokens); --accuracy-level 4 trades that for the faster int8 kernels.
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-TABLE_FORMATS = ("float32", "int8")
+TABLE_FORMATS = ("float32", "int8", "int4")  # host table rows: host_tables.py
 DEFAULT_BLOCK = 32
 
 
@@ -69,7 +70,7 @@ class Recipe:
     mlp: WeightFormat | None = None
     lm_head: WeightFormat | None = None
     other: WeightFormat | None = None
-    tables: str = "float32"  # host tables: "float32" or "int8" (per row, float32 scales)
+    tables: str = "float32"  # host tables: one of TABLE_FORMATS (int8/int4 per row, float32 scales)
     # (module suffix, format) pairs that override the class's format for the weights whose module
     # path ends with the suffix (e.g. ("self_attn.v_proj", int8)): mixed precision within a class
     overrides: tuple[tuple[str, WeightFormat], ...] = ()

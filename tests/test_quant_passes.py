@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -271,6 +272,73 @@ def test_int8_table_lookup_equals_the_dequantized_rows(tiny, tmp_path):
         reader = HostTableReader.open(tmp_path / "int4", name, spec)
         ids = np.arange(spec.shape[0])
         np.testing.assert_array_equal(reader.lookup(ids), (q * scale[:, None]).astype(np.float32))
+
+
+def _int4_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint8 [rows, ceil(cols / 2)], scales, dequantized rows) of float32 rows x, from the
+    layout in HostTable's docstring: q = round(x / s) in [-7, 7], s = max|x| / 7, column 2j in the
+    low nibble of byte j, 2j + 1 in its high nibble, two's complement, 0 past an odd end."""
+    scale = (np.abs(x).max(axis=1) / 7).astype(np.float32)
+    q = np.clip(np.rint(x / np.where(scale > 0, scale, 1)[:, None]), -7, 7).astype(np.int16)
+    nib = np.pad(q & 0xF, ((0, 0), (0, q.shape[1] % 2)))
+    return (nib[:, 0::2] | nib[:, 1::2] << 4).astype(np.uint8), scale, (q * scale[:, None]).astype(np.float32)
+
+
+def test_int4_tables_export_runs_as_its_dequantized_tables(tiny, tmp_path):
+    """--quant int8 --tables int4 on the tiny Gemma 3n (embed_tokens and per_layer): the files hold
+    the numpy reference's bytes, a lookup is its dequantized rows exactly, embed_tokens.bin is about
+    half of int8's, and the runtime generates the same ids as the same graphs given float32 tables of
+    the dequantized rows."""
+    from gemma_runtime import Model
+    from gemma_runtime.manifest import read_manifest
+    from gemma_runtime.tables import HostTableReader
+
+    family = "gemma3n"
+    fp32 = tiny.export(family)
+    out = _export(tiny, family, tmp_path / "int4-tables", "--quant", "int8", "--tables", "int4")
+    manifest = read_manifest(out)
+    assert manifest.provenance["quant_recipe"]["tables"] == "int4"
+    floats = tmp_path / "float-tables"  # the same export, its tables float32 rows of the reference
+    shutil.copytree(out, floats)
+    raw = json.loads((floats / "manifest.json").read_text())
+    for name, spec in manifest.tables.items():
+        rows, cols = spec.shape
+        assert (spec.dtype, spec.scale_layout, spec.row_bytes) == ("int4", "per_row", (cols + 1) // 2)
+        x = np.fromfile(fp32 / spec.file, dtype=np.float32).reshape(rows, cols)
+        packed, scale, want = _int4_rows(x)
+        data = np.fromfile(out / spec.file, dtype=np.uint8)
+        np.testing.assert_array_equal(data[: packed.size].reshape(packed.shape), packed)
+        np.testing.assert_array_equal(data[spec.scale_offset:].view(np.float32), scale)
+        reader = HostTableReader.open(out, name, spec)
+        np.testing.assert_array_equal(reader.lookup(np.arange(rows)), want)
+        want.tofile(floats / spec.file)
+        raw["tables"][name] = {**raw["tables"][name], "dtype": "float32", "scale_layout": None, "scale_dtype": None,
+                               "scale_offset": None, "row_bytes": 4 * cols}
+        raw["files"][spec.file] = _sha(floats / spec.file)
+    (floats / "manifest.json").write_text(json.dumps(raw))
+    int8 = requantize_export(fp32, tmp_path / "int8", make_recipe("int8"))
+    size4, size8 = ((f / "embed_tokens.bin").stat().st_size for f in (out, tmp_path / "int8"))
+    rows, cols = int8.tables["embed_tokens"].shape
+    assert size4 == rows * ((cols + 1) // 2) + (-rows * ((cols + 1) // 2) % 64) + 4 * rows
+    assert 0.45 < size4 / size8 < (cols / 2 + 4) / cols + 0.01, (size4, size8)
+    prompt = [int(i) for i in np.random.default_rng(3).integers(1, manifest.vocab_size, 11)]
+    got = Model.load(out).generate_ids(prompt, 12)
+    assert len(got) == 12 and got == Model.load(floats).generate_ids(prompt, 12)
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("tables", ["float32", "int8", "int4"])
+def test_tables_option_applies_to_every_recipe(recipe, tables):
+    """--tables is the one recipe option a float recipe takes (int4 as int8 always was); an unknown
+    format is refused."""
+    assert make_recipe(recipe, _options(tables=tables)).tables == tables
+
+
+def test_unknown_table_format_is_refused():
+    from gemma_export.errors import ExportError
+
+    with pytest.raises(ExportError, match="host table format 'int2'"):
+        make_recipe("int8", _options(tables="int2"))
 
 
 def test_runtime_runs_quantized_exports(tiny, tmp_path):
