@@ -1,0 +1,63 @@
+"""The decoder graph keeps DESIGN.md's contract in what onnxruntime really runs, per family:
+
+- the KV cache is read in place: in the session's optimized graph (onnxruntime's own rewrite,
+  saved with `optimized_model_filepath`), the past key/value inputs, through layout-only ops, feed
+  nothing but matrix products: no Concat of past and new rows, no Transpose or Expand copy;
+- the token table stays on the host and the tied LM head is its own constant: the only
+  vocabulary-sized initializer is `lm_head_t` [H, V], with no Transpose of it in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+FAMILIES = ("gemma", "gemma3_sw8", "gemma3n")
+# ops that only move or view data: a cache tensor through them is still the cache
+_LAYOUT = {"Reshape", "Transpose", "Slice", "Gather", "Unsqueeze", "Squeeze", "Expand", "Cast",
+           "Identity", "Concat", "Tile", "Split"}
+
+
+def _optimized(path, tmp_path):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath, load_external_data=False)
+
+
+def _cache_consumers(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types that read a past cache input, directly or through layout-only ops."""
+    raw = {i.name for i in model.graph.input if i.name.startswith("past_")}
+    assert raw, "the graph has no past cache inputs"
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:  # topologically sorted
+        if any(i in raw for i in node.input):
+            consumers[node.op_type] = consumers.get(node.op_type, 0) + 1
+            if node.op_type in _LAYOUT:
+                raw.update(node.output)
+    return consumers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_is_read_in_place(family, tiny, tmp_path):
+    out = tiny.export(family)
+    consumers = _cache_consumers(_optimized(out / "decoder.onnx", tmp_path))
+    assert set(consumers) <= {"MatMul", "FusedMatMul"}, consumers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_head_is_the_one_vocabulary_constant(family, tiny):
+    out = tiny.export(family)
+    manifest = json.loads((out / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    by_vocab = [(t.name, list(t.dims)) for t in graph.initializer if vocab in t.dims]
+    assert len(by_vocab) == 1 and by_vocab[0][0].endswith("lm_head_t"), by_vocab
+    hidden = manifest["hidden_size"]
+    assert by_vocab[0][1] == [hidden, vocab]
+    head = by_vocab[0][0]
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and head in n.input]
