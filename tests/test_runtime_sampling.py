@@ -1,13 +1,17 @@
-"""Sampling on synthetic logits: validation, each filter's support, seeds, the checkpoint's defaults."""
+"""Sampling on synthetic logits: validation, each filter's support, seeds, the checkpoint's defaults
+(read from generation_config.json, and used by generate/chat on a tiny export), memory per step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models
 
-from gemma_runtime import GemmaRuntimeError, SamplingConfig, SamplingError
+from gemma_runtime import GemmaRuntimeError, Model, SamplingConfig, SamplingError
 from gemma_runtime.errors import GenerationConfigError
 from gemma_runtime.generation_config import read_generation_defaults
 from gemma_runtime.sampling import Sampler
@@ -273,3 +277,70 @@ def test_one_step_allocates_at_most_one_vocabulary_sized_array(name, config, sca
     finally:
         tracemalloc.stop()
     assert reference_distribution(x.reshape(-1), config, history)[token] > 0
+
+
+
+# ---- the checkpoint's defaults, end to end on a tiny export ----------------------------------------
+
+DEFAULTS = dict(temperature=1.5, top_k=20, top_p=0.9)
+
+
+def full_vocab_tokenizer(size: int) -> Tokenizer:
+    """One token per model id, each decoding to its own text (letters, then Q<id>), so a random
+    model's ids decode without loss and the text compares ids (byte-fallback runs would not:
+    tokenizers renders a broken one as U+FFFD, test_runtime_detokenize.py)."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for ch in "abcdefghijklmnopqrstuvwxyz ":
+        vocab[ch] = len(vocab)
+    vocab.update({f"Q{i}": i for i in range(len(vocab), size)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def sampling_export(tiny, tmp_path_factory):
+    """The tiny Gemma 3 export with a tokenizer, a short chat template and a generation_config.json
+    that samples; the new files get their sha256 in the manifest, as the exporter writes them."""
+    base = tiny.export("gemma3_sw8")
+    out = tmp_path_factory.mktemp("sampling") / "gemma3_sw8"
+    shutil.copytree(base, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    full_vocab_tokenizer(manifest["vocab_size"]).save(str(out / "tokenizer.json"))
+    (out / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+                                                            "do_sample": True, **DEFAULTS}))
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        manifest["files"][name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    manifest["tokenizer_files"] = ["tokenizer.json", "chat_template.jinja"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return base, out
+
+
+def test_generate_and_chat_default_to_the_generation_config_generate_ids_stays_greedy(sampling_export):
+    base, out = sampling_export
+    model = Model.load(out)
+    assert model.defaults.sampling == SamplingConfig(**DEFAULTS)
+    prompt, messages, n = "hello world", [{"role": "user", "content": "hi there"}], 16
+    stop = set(model.manifest.tokens.stop)
+    ids = model.encode(prompt)
+    greedy_ids = model.generate_ids(ids, max_new_tokens=n)
+    greedy_text = model.generate(prompt, max_new_tokens=n, temperature=0)
+    assert greedy_text == model.decode([t for t in greedy_ids if t not in stop])
+    assert greedy_ids == Model.load(base).generate_ids(ids, max_new_tokens=n)  # the same weights as the tiny export
+    texts, chats, other = [], [], []
+    for seed in range(5):
+        text = model.generate(prompt, max_new_tokens=n, seed=seed)
+        assert text == model.generate(prompt, max_new_tokens=n, seed=seed, **DEFAULTS)
+        sampled = model.generate_ids(ids, max_new_tokens=n, seed=seed, **DEFAULTS)
+        assert text == model.decode([t for t in sampled if t not in stop])
+        chat = model.chat(messages, max_new_tokens=n, seed=seed)
+        assert chat == model.chat(messages, max_new_tokens=n, seed=seed, **DEFAULTS)
+        assert model.generate_ids(ids, max_new_tokens=n, seed=seed) == greedy_ids  # a seed alone does not sample
+        texts.append(text)
+        chats.append(chat)
+        other.append(model.generate(prompt, max_new_tokens=n, seed=seed, temperature=1.5, top_k=0, top_p=1.0))
+    assert len(set(texts)) == 5 and greedy_text not in texts  # sampled, not greedy
+    assert len(set(chats)) == 5
+    assert other != texts  # top_k 20 and top_p 0.9 of the file took effect
