@@ -1,13 +1,15 @@
 """The runtime as a product on the real Gemma 3 270M fp32 export (shared session fixture
-`real_270m_export`): reproducible sampling, Korean streaming, multi-turn chat with KV reuse,
-the chat CLI, and an export folder that stays untouched."""
+`real_270m_export`): reproducible sampling (also across processes), Korean, Chinese and emoji
+streaming, multi-turn chat with KV reuse, the chat CLI, and an export folder that stays untouched."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
 from gemma_runtime import Model
 
@@ -24,6 +26,11 @@ TURNS = [
 @pytest.fixture(scope="module")
 def model(real_270m_export):
     return Model.load(real_270m_export)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_270m_export):
+    return Tokenizer.from_file(str(Path(real_270m_export) / "tokenizer.json"))
 
 
 def test_seeded_sampling_reproduces(model):
@@ -48,6 +55,57 @@ def test_korean_streaming_round_trip(model, prompt, sampling):
     assert "".join(pieces) == full
     assert not any(REPLACEMENT in p for p in pieces)
     assert any("\uac00" <= ch <= "\ud7a3" for ch in full)  # Hangul came out
+
+
+def cjk(ch: str) -> bool:
+    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
+
+
+def emoji(ch: str) -> bool:
+    return ord(ch) >= 0x1F000
+
+
+@pytest.mark.parametrize("prompt, new_tokens, sampling, wanted, byte_tokens", [
+    ("中国的首都是北京。日本的首都是", 14, {}, cjk, False),
+    ("我最喜欢的水果是", 14, {"temperature": 0.9, "seed": 3}, cjk, False),
+    ("龘龘龘龘龘龘", 12, {}, cjk, True),  # 龘 is not in the vocabulary: three byte tokens each
+    ("Flags: 🇰🇷 🇯🇵 🇨🇳 🇺🇸 🇫🇷", 14, {}, emoji, False),  # regional indicators, one token each
+    ("🫨 🫨 🫨 🫨 🫨 🫨", 15, {}, emoji, True),  # 🫨 (Unicode 15): four byte tokens each
+])
+def test_chinese_and_emoji_streaming_round_trip(model, tokenizer, prompt, new_tokens, sampling, wanted, byte_tokens):
+    pieces = list(model.generate(prompt, max_new_tokens=new_tokens, stream=True, **sampling))
+    ids = model.generate_ids(model.encode(prompt), max_new_tokens=new_tokens, **sampling)
+    full = model.decode([t for t in ids if t not in model.manifest.tokens.stop])
+    assert "".join(pieces) == full
+    assert not any(REPLACEMENT in p for p in pieces)
+    assert sum(map(wanted, full)) >= 2, full  # Chinese characters / emoji came out
+    split = [t for t in ids if tokenizer.id_to_token(t).startswith("<0x")]  # byte-fallback tokens
+    assert bool(split) == byte_tokens
+    if byte_tokens:  # characters split over tokens came out whole, one piece each
+        assert pieces == list(full) and len(pieces) < len(ids)
+
+
+def gemma_run() -> list[str]:
+    script = Path(sys.executable).with_name("gemma-run")  # the installed console script
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "gemma_runtime.cli"]
+
+
+def test_seeded_sampling_is_identical_across_processes(model, real_270m_export):
+    """Two separate gemma-run processes with the same seed print the same sampled text, which is
+    also what this process samples with that seed; another seed gives other text."""
+    prompt, argv = "Once upon a time", ["--temperature", "1", "--max-new-tokens", "16"]
+
+    def run(seed):
+        proc = subprocess.run([*gemma_run(), str(real_270m_export), prompt, "--seed", str(seed), *argv],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    first, second = run(7), run(7)
+    assert first == second and len(first.strip()) > 16
+    here = model.generate(prompt, max_new_tokens=16, temperature=1.0, seed=7)
+    assert first == here + "\n"
+    assert model.generate(prompt, max_new_tokens=16, temperature=1.0, seed=8) != here
 
 
 def test_five_turn_chat_reuse_equals_fresh_prefill(model):
