@@ -31,8 +31,9 @@ tensor of the text decoder in the (sliced) checkpoint, including the k/v project
 the released checkpoints store for KV-shared layers, excluding the token embedding table
 (`embed_tokens`, whose tied LM head is the same tensor), the per-layer embedding table
 (`embed_tokens_per_layer`) and an untied `lm_head`; the vision and audio towers and their
-embedders are not counted. The total adds the embedding tables back (what the export carries);
-the towers are reported apart.
+embedders are not counted. The total adds the embedding tables back (what the export's text
+path carries); the towers are reported apart (`non_text_params`, when the export or the sliced
+folder carries them: not under --text-only).
 """
 
 from __future__ import annotations
@@ -438,6 +439,8 @@ def describe(record: dict[str, Any]) -> str:
     text = (f"MatFormer slice {record['name']!r}: {record['layers']} of {record['source_layers']} layers, "
             f"effective {_b(record['effective_params'])} parameters (embedding tables excluded), "
             f"total {_b(record['total_params'])}")
+    if record.get("non_text_params"):
+        text += f"; vision/audio towers {_b(record['non_text_params'])} more (not sliced)"
     if record.get("mmlu_pt"):
         text += f"; table: {record['table_effective_params_b']}B effective, MMLU PT {record['mmlu_pt']}"
     return text
@@ -456,4 +459,7 @@ def apply_to_export(req, config: dict[str, Any], variant, tensors):
         return variant, tensors, None
     config, tensors, plan = slice_checkpoint(config, tensors, s)
     sliced = variant_from_config(config, expected=req.variant)
-    return sliced, tensors, slice_record(s, plan, parameter_counts(tensors, sliced.architecture), req.matformer_config)
+    record = slice_record(s, plan, parameter_counts(tensors, sliced.architecture), req.matformer_config)
+    if req.text_only:
+        record.pop("non_text_params", None)  # the towers are not exported
+    return sliced, tensors, record

@@ -6,8 +6,14 @@ slicing table in the published CSV format: the `slice` subcommand's folder loads
 transformers and its eager greedy tokens equal our export's (exported from the released
 ConditionalGeneration layout, sliced on the fly); every kept tensor is exactly the slice of its
 source tensor; the identity row gives the source back bit for bit; bad slices are refused with one
-clear line. On the meta device, for the full-size E4B: the official E2B row gives exactly E2B's
-shape, and every row of Google's table has its effective parameter count within 2%.
+clear line; the line `gemma-export` prints after a sliced export says the manifest's counts and the
+folder's real size. On the multimodal checkpoint (tests/multimodal_checkpoint.py, the session's
+`multimodal` fixture: real tiny audio tower, full-size vision tower), in the released layout: the
+slice loads strictly as a Gemma3nForConditionalGeneration with every tower tensor bit for bit the
+source's, and a sliced export's vision/audio files are byte for byte the unsliced export's, its
+audio path giving the eager sliced model's greedy tokens. On the meta device, for the full-size
+E4B: the official E2B row gives exactly E2B's shape, and every row of Google's table has its
+effective parameter count within 2%.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,6 +102,41 @@ def _slice(ckpts, source: str, name: str, out: Path, *extra: str) -> Path:
     return out
 
 
+_LINE = re.compile(
+    r"gemma-export: MatFormer slice '(?P<name>[^']*)': (?P<layers>\d+) of (?P<source>\d+) layers, "
+    r"effective (?P<effective>[\d,.B]+) parameters \(embedding tables excluded\), total (?P<total>[\d,.B]+)"
+    r"(?:; vision/audio towers (?P<towers>[\d,.B]+) more \(not sliced\))?"
+    r"(?:; table: (?P<table>[\d.]+)B effective, MMLU PT (?P<mmlu>[\d.]+%))?"
+    r"; export on disk (?P<mib>[\d.]+) MiB")
+
+
+def _count(text: str) -> float:
+    """A count as the line prints it: 146,568 or 1.913B."""
+    return float(text[:-1]) * 1e9 if text.endswith("B") else int(text.replace(",", ""))
+
+
+def _check_printed_line(stdout: str, out: Path, record: dict) -> None:
+    """The line `gemma-export` prints after a sliced export says what the manifest's record says
+    (exact counts below 1e8, else within the printed 3 decimals of a billion) and the export's real
+    size on disk (every file under out/, apparent size, in MiB to one decimal)."""
+    lines = [line for line in stdout.splitlines() if "MatFormer slice" in line]
+    assert len(lines) == 1, stdout
+    m = _LINE.fullmatch(lines[0])
+    assert m, lines[0]
+    assert m["name"] == record["name"]
+    assert (int(m["layers"]), int(m["source"])) == (len(record["ffn_dims"]), record["source_layers"])
+    for key, field in (("effective", "effective_params"), ("total", "total_params"), ("towers", "non_text_params")):
+        if field not in record:
+            assert m[key] is None, lines[0]
+            continue
+        assert abs(_count(m[key]) - record[field]) <= (0 if record[field] < 1e8 else 5e5), (key, lines[0])
+    assert (m["mmlu"], m["table"] and float(m["table"])) == (record.get("mmlu_pt"), record.get("table_effective_params_b"))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert m["mib"] == f"{size / 2**20:.1f}", (lines[0], size)
+    wrote = re.search(r"gemma-export: wrote .* \(gemma3n, fp32, (\d+) MiB\) in \d+ s", stdout)
+    assert wrote and int(wrote[1]) == round(size / 2**20), stdout
+
+
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     src = open_folder(folder).tensors
     return {n: src.get_stored(n) for n in src.names()}
@@ -124,7 +166,7 @@ def _expected(source: dict[str, torch.Tensor], prefix: str, kept: list[int], dim
     return out
 
 
-def test_sliced_checkpoint_loads_strictly_and_matches_the_export(ckpts):
+def test_sliced_checkpoint_loads_strictly_and_matches_the_export(ckpts, capsys):
     from gemma_runtime import Model
     from transformers import Gemma3nForCausalLM
 
@@ -137,6 +179,7 @@ def test_sliced_checkpoint_loads_strictly_and_matches_the_export(ckpts):
     assert ref.config.intermediate_size == [64, 64, 64, 96, 64, 64, 64, 128]
 
     out = root / "export_tiny_e2b"  # from the released layout, sliced at export
+    capsys.readouterr()
     assert main(["--checkpoint", str(ckpts["released"]), "--matformer", "Tiny E2B", "--matformer-config",
                  str(ckpts["table"]), "--max-context", "64", "--prefill-chunk", "8", "--quiet", "--text-only",  # stand-in towers
                  str(out)]) == 0
@@ -148,7 +191,10 @@ def test_sliced_checkpoint_loads_strictly_and_matches_the_export(ckpts):
     sliced = _tensors(folder)
     want = sum(t.numel() for n, t in sliced.items() if "embed_tokens" not in n)
     assert record["effective_params"] == want
+    assert record["total_params"] == sum(t.numel() for t in sliced.values())  # + both embedding tables
+    assert "non_text_params" not in record  # --text-only: the stand-in towers are not exported
     assert [c["layer"] for c in json.loads((out / "manifest.json").read_text())["caches"]] == [0, 1, 2, 3, 4]
+    _check_printed_line(capsys.readouterr().out, out, record)
 
     prompt = prompt_ids()
     ours = model.generate_ids(prompt, NEW_TOKENS)
@@ -274,13 +320,21 @@ def e4b_shapes():
 
 def test_official_e2b_row_gives_e2b_shape_on_meta(e4b_shapes):
     table = matformer.read_table()
-    config, tensors, _ = matformer.slice_checkpoint(NAMED_VARIANTS["e4b"].config, e4b_shapes, table["Config for official E2B Model"])
+    row = table["Config for official E2B Model"]
+    config, tensors, plan = matformer.slice_checkpoint(NAMED_VARIANTS["e4b"].config, e4b_shapes, row)
     sliced = variant_from_config(config)
     e2b = variant_from_config(NAMED_VARIANTS["e2b"].config)
     assert sliced == e2b  # every field: 30 layers, FFN 8192, layer types, 10 KV-shared, sparsity
     assert sliced.num_layers == 30 and set(sliced.intermediate_sizes) == {8192} and sliced.gemma3n.num_kv_shared_layers == 10
     want = _Shapes(NAMED_VARIANTS["e2b"].config)  # the tensors too: E2B's names and shapes exactly
     assert {n: tensors.shape(n) for n in tensors.names()} == {n: want.shape(n) for n in want.names()}
+    # the line printed for it: billions to 3 decimals, beside the table's figures
+    counts = matformer.parameter_counts(tensors, "Gemma3nForCausalLM")
+    m = _LINE.fullmatch("gemma-export: " + matformer.describe(matformer.slice_record(row, plan, counts, None))
+                        + "; export on disk 0.0 MiB")
+    assert m and (m["layers"], m["source"], m["table"], m["mmlu"]) == ("30", "35", "1.91", row.mmlu_pt), m
+    assert m["effective"] == f"{counts.effective / 1e9:.3f}B" and m["total"] == f"{counts.total / 1e9:.3f}B"
+    assert abs(_count(m["effective"]) - 1.91e9) <= 0.02 * 1.91e9 and m["towers"] is None
 
 
 @pytest.mark.parametrize("name", list(matformer.read_table()))
@@ -292,3 +346,158 @@ def test_effective_params_match_the_table(e4b_shapes, name):
     print(f"\n{name}: effective {counts.effective / 1e9:.4f}B, table {s.table_effective_params_b}B "
           f"({100 * (counts.effective / table - 1):+.2f}%)")
     assert abs(counts.effective / table - 1) <= 0.02
+
+
+# ---- the multimodal layout: towers untouched ----------------------------------------------------
+# The multimodal checkpoint of tests/multimodal_checkpoint.py (the session's `multimodal` fixture:
+# Gemma3nForConditionalGeneration saved by save_pretrained; tiny text with 4 layers [s, f, s, f], the
+# last 2 KV-shared; a real tiny audio tower; the full-size vision tower) and its unsliced export.
+
+MM_SLICE = ["--skip-layers", "3", "--ffn-dims", "48,96,64"]  # layer 3 (global, KV-shared, reads layer 1) goes
+MM_TEXT = "model.language_model."
+
+
+def _run(argv: list[str]) -> str:
+    """gemma_export.cli.main(argv), which must succeed; its stdout."""
+    import contextlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(argv)
+    assert rc == 0, stderr.getvalue()
+    return stdout.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mm(multimodal, tmp_path_factory):
+    """The multimodal checkpoint in the released layout: its weights file as shard 1 (a link, not a
+    copy of its 1.1 GB), the KV-shared layers' k/v weights (which the released checkpoints carry)
+    in shard 2, with an index; and its slice (`gemma-export slice`), with what that printed."""
+    from safetensors import safe_open
+
+    model, unsliced, *_ = multimodal
+    ckpt = unsliced.parent / "checkpoint"
+    root = tmp_path_factory.mktemp("matformer_mm")
+    src = root / "released"
+    src.mkdir()
+    for f in ckpt.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copyfile(f, src / f.name)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    (src / first).symlink_to(ckpt / "model.safetensors")
+    text = model.config.text_config
+    shared = list(range(text.num_hidden_layers - text.num_kv_shared_layers, text.num_hidden_layers))
+    extras = shared_kv_extras(shared, MM_TEXT, text.num_key_value_heads * text.head_dim, text.hidden_size, text.head_dim)
+    save_file(extras, src / second, metadata={"format": "pt"})
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        weight_map = {n: first for n in f.keys()}
+    total = sum((src / n).stat().st_size for n in (first, second))  # informational in HF indexes
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map | {n: second for n in extras}}))
+
+    hf = root / "hf_sliced"
+    slice_stdout = _run(["slice", "--checkpoint", str(src), *MM_SLICE, "--quiet", str(hf)])
+    yield {"model": model, "unsliced": unsliced, "src": src, "hf": hf, "slice_stdout": slice_stdout, "root": root}
+    shutil.rmtree(root, ignore_errors=True)  # two more GB-sized folders: not kept past this module
+
+
+@pytest.fixture(scope="module")
+def mm_export(mm):
+    """The sliced export of the released-layout multimodal checkpoint (vision + audio: ~1 min)."""
+    from multimodal_checkpoint import MAX_CONTEXT, PREFILL_CHUNK
+
+    out = mm["root"] / "export_sliced"
+    stdout = _run(["--checkpoint", str(mm["src"]), *MM_SLICE, "--max-context", str(MAX_CONTEXT),
+                   "--prefill-chunk", str(PREFILL_CHUNK), "--quiet", str(out)])
+    return out, stdout
+
+
+def test_sliced_multimodal_checkpoint_loads_strictly_with_its_towers_untouched(mm):
+    from transformers import Gemma3nForConditionalGeneration
+
+    hf, src = mm["hf"], mm["src"]
+    ref, info = Gemma3nForConditionalGeneration.from_pretrained(hf, dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched keys
+    text = ref.config.text_config
+    assert (text.num_hidden_layers, text.num_kv_shared_layers, text.intermediate_size) == (3, 1, [48, 96, 64])
+    assert text.layer_types == [S, F, S]
+
+    got, want = open_folder(hf).tensors, open_folder(src).tensors
+    towers = [n for n in want.names() if not n.startswith(MM_TEXT)]
+    assert {n for n in got.names() if not n.startswith(MM_TEXT)} == set(towers)
+    prefixes = {n.split(".")[1] for n in towers}
+    assert prefixes == {"vision_tower", "audio_tower", "embed_vision", "embed_audio"}, prefixes
+    for n in towers:  # bit for bit, in the stored dtype, one tensor at a time
+        a, b = got.get_stored(n), want.get_stored(n)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.contiguous().view(torch.uint8).equal(
+            b.contiguous().view(torch.uint8)), n
+    # and the text decoder is the slice of the source's, by the rule written out above
+    source_text = {n: want.get_stored(n) for n in want.names() if n.startswith(MM_TEXT)}
+    expected = _expected(source_text, MM_TEXT, [0, 1, 2], [48, 96, 64])
+    assert sorted(n for n in got.names() if n.startswith(MM_TEXT)) == sorted(expected)
+    for n, t in expected.items():
+        assert torch.equal(got.get_stored(n), t), n
+
+    record = json.loads((hf / "matformer_slice.json").read_text())
+    assert record["non_text_params"] == sum(want.get_stored(n).numel() for n in towers)
+    assert record["total_params"] == sum(t.numel() for t in expected.values())
+    # what `gemma-export slice` printed: the record's counts (towers apart) and its weight file's size
+    lines = mm["slice_stdout"].splitlines()
+    assert len(lines) == 2 and lines[0] == f"gemma-export: {matformer.describe(record)}", lines
+    assert f"; vision/audio towers {record['non_text_params'] / 1e9:.3f}B more (not sliced)" in lines[0]
+    size = (hf / "model.safetensors").stat().st_size
+    assert re.fullmatch(rf"gemma-export: wrote {re.escape(str(hf))} \(1 safetensors file\(s\), "
+                        rf"{size / 2**20:.0f} MiB\) in \d+ s", lines[1]), lines[1]
+
+
+def test_sliced_multimodal_export_has_the_unsliced_encoders(mm, mm_export):
+    """Item 5: the encoders of a sliced export are those of the unsliced export, file for file; the
+    line printed after the export matches its record and size; its audio path gives the eager
+    sliced model's greedy tokens."""
+    from gemma_runtime import Model
+    from gemma_runtime.audio_features import audio_features
+    from multimodal_checkpoint import AUDIO, BOA, EOA, NEW_TOKENS, NL
+
+    out, stdout = mm_export
+    unsliced = mm["unsliced"]
+    for name in ("vision.onnx", "vision.data", "audio.onnx", "audio.data", "embed_tokens.bin", "preprocessor_config.json"):
+        assert _sha256(out / name) == _sha256(unsliced / name), name
+    assert _sha256(out / "per_layer.bin") != _sha256(unsliced / "per_layer.bin")  # 3 of 4 layers' columns
+    assert (out / "per_layer.bin").stat().st_size == 3 * (unsliced / "per_layer.bin").stat().st_size // 4
+    ours, theirs = json.loads((out / "manifest.json").read_text()), json.loads((unsliced / "manifest.json").read_text())
+    for graph in ("vision", "audio"):
+        assert ours["graphs"][graph] == theirs["graphs"][graph]
+    assert ours["tokens"] == theirs["tokens"]
+    record = ours["provenance"]["matformer"]
+    slice_record = json.loads((mm["hf"] / "matformer_slice.json").read_text())
+    assert record == {k: v for k, v in slice_record.items() if k != "source"}
+    _check_printed_line(stdout, out, record)
+
+    # the audio path of the sliced export = the eager sliced ConditionalGeneration model, token for token
+    from transformers import Gemma3nForConditionalGeneration
+
+    ref = Gemma3nForConditionalGeneration.from_pretrained(mm["hf"], dtype=torch.float32, attn_implementation="eager").eval()
+    t = np.arange(int(2.5 * 16_000)) / 16_000
+    wave = 0.3 * np.sin(2 * np.pi * 330 * t) + 0.05 * np.random.default_rng(1).standard_normal(t.size)
+    clip = (wave.astype(np.float32), 16_000)
+    ids = [BOS, 105, 30, 31, NL, BOA, *[AUDIO] * 188, EOA, NL, 40, 41, 106, 33]
+    model = Model.load(out)
+    got = model.generate_ids(ids, max_new_tokens=NEW_TOKENS, audio=[clip])
+    features, mask = audio_features(*clip, padding="max_length")
+    with torch.no_grad():
+        gen = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           input_features=torch.from_numpy(features), input_features_mask=torch.from_numpy(mask),
+                           max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    want = gen[0, len(ids):].tolist()
+    assert got == want and len(set(got)) > 1, (got, want)
