@@ -138,3 +138,23 @@ def test_generation_config_with_a_non_numeric_value(tmp_path, capsys):
         Model.load(out)
     err = cli_fails(capsys, out, "ab")
     assert "generation_config.json: repetition_penalty must be a number, got 'x'" in err
+
+
+def test_an_answer_that_would_run_past_the_context_stops_with_context_full(tmp_path, capsys):
+    """A prompt that fits is not refused because its answer might not: generation stops when the
+    context is full, with the text so far and stop_reason context_full (runtime/README.md)."""
+    out = Fake(vocab=tokenizer().get_vocab_size(), seed=2).write(tmp_path / "out", tokenizer=tokenizer())  # no stop id
+    model = Model.load(out)
+    prompt = "abcdefghijklmnopqr"
+    ids = model.encode(prompt)
+    assert len(ids) == 19 and model.manifest.max_context == 24
+    new = model.generate_ids(ids, max_new_tokens=50)
+    assert len(new) == 5 and model.last_stats.stop_reason == "context_full"
+    text = model.generate(prompt, max_new_tokens=50)  # the same 5 tokens, as text (random ids: bytes too)
+    assert text and model.last_stats.stop_reason == "context_full"
+    assert model.last_stats.decode_tokens == 4  # the first new token comes from prefill
+    model.generate(prompt, max_new_tokens=3)
+    assert model.last_stats.stop_reason == "max_new_tokens"
+    assert main([str(out), prompt, "--max-new-tokens", "50", "--stats"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == text + "\n" and captured.err.rstrip().endswith("end: context_full")
