@@ -4,6 +4,20 @@
 
 Runs a 5-turn conversation with reuse (the default of Model.chat), then replays turn 5's full
 conversation from scratch (reuse_cache=False), and prints both, with the answers' equality.
+
+Measured 2026-12-01 (gemma3-270m fp32 export, /work/cache/real270m-fp32: max context 4096, chunk 128;
+--threads 2, onnxruntime 1.32.0, a shared 2-core machine at load average 6.5-7.7, so wall times are
+inflated; 51 s in all):
+
+    turn 1: prompt 15 tokens, reused 1, ttft 320 ms
+    turn 2: prompt 64 tokens, reused 46, ttft 375 ms
+    turn 3: prompt 114 tokens, reused 95, ttft 355 ms
+    turn 4: prompt 164 tokens, reused 145, ttft 401 ms
+    turn 5: prompt 214 tokens, reused 195, ttft 494 ms
+    turn 5 time to first token: 494 ms with reuse (19 of 214 tokens prefilled), 3026 ms without
+    (214 prefilled); answers equal: True
+
+(turn 1 reuses the BOS row left by the warm-up call.)
 """
 
 from __future__ import annotations
