@@ -33,7 +33,8 @@ t = np.arange(4_410) / 44_100
 soundfile.write(root / "clip.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 44_100)
 features, mask = audio_features(root / "clip.wav")  # soundfile, then soxr from 44.1 kHz
 assert features.shape == (1, 2997, 128) and mask.shape == (1, 2997), (features.shape, mask.shape)
-assert expand_placeholders("<i>", {"image": "<i>", "boi": "<b>", "eoi": "<e>"}, {"image": 2}) == "\\n\\n<b><i><i><e>\\n\\n"
+names = {"image": "<i>", "boi": "<b>", "eoi": "<e>"}
+assert expand_placeholders("<i>", names, {"image": 2}) == "\\n\\n<b><i><i><e>\\n\\n"
 print(gemma_runtime.__version__)
 """
 
