@@ -49,6 +49,22 @@ def unpack_matmulnbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None,
     return w.reshape(n, -1)[:, :k].T
 
 
+def graph_weight(q: onnx.ModelProto, k: int, n: int, bits: int, block: int) -> np.ndarray:
+    """W' [K, N] that a one-MatMul graph quantized by quantize_matmuls multiplies by: MatMulNBits'
+    own weight, plus for affine blocks the offsets' share (block sums S [K, n_blocks] @ O)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = q.graph.node[0]
+    zp = inits[node.input[3]] if len(node.input) > 3 else None
+    w = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, block)
+    if len(q.graph.node) > 1:
+        block_sums, offsets = (inits[q.graph.node[i].input[1]] for i in (1, 2))
+        expected = np.zeros((k, -(-k // block)), dtype=np.float32)
+        expected[np.arange(k), np.arange(k) // block] = 1
+        np.testing.assert_array_equal(block_sums, expected)
+        w = w + block_sums @ offsets
+    return w
+
+
 def _one_matmul(w: np.ndarray) -> onnx.ModelProto:
     k, n = w.shape
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
@@ -80,15 +96,19 @@ def test_matmulnbits_computes_the_dequantized_weight(bits, block, symmetric, sea
     model = _one_matmul(w)
     fmt = WeightFormat(bits=bits, block_size=block, symmetric=symmetric, accuracy_level=0, scale_search=search, affine=affine)
     q = quantize_matmuls(model, _mlp_recipe(fmt), TensorStore())
-    assert [nd.op_type for nd in q.graph.node] == ["MatMulNBits"]
+    ops = [nd.op_type for nd in q.graph.node]
+    # affine: a symmetric MatMulNBits plus the offsets' share, block sums of x times O [n_blocks, N]
+    assert ops == (["MatMulNBits", "MatMul", "MatMul", "Add"] if affine else ["MatMulNBits"])
     assert onnx.ModelProto.SerializeToString(model) == onnx.ModelProto.SerializeToString(_one_matmul(w))  # input unchanged
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    node = q.graph.node[0]
-    zp = inits[node.input[3]] if len(node.input) > 3 else None
-    assert (zp is None) == symmetric
-    w_deq = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, block)
-    # the exporter's own dequantize agrees with the spec's
-    np.testing.assert_array_equal(blockwise.dequantize(blockwise.quantize(w, bits, block, symmetric, search, affine)), w_deq)
+    assert (len(q.graph.node[0].input) > 3) == (not symmetric and not affine)  # packed uint8 zero points
+    w_deq = graph_weight(q, k, n, bits, block)
+    # the exporter's own dequantize agrees with the spec's (affine: s (q - zp) against
+    # s (q - 8) + s (8 - zp), equal up to float rounding)
+    own = blockwise.dequantize(blockwise.quantize(w, bits, block, symmetric, search, affine))
+    if affine:
+        np.testing.assert_allclose(own, w_deq, rtol=0, atol=1e-6 * np.abs(own).max())
+    else:
+        np.testing.assert_array_equal(own, w_deq)
     x = rng.standard_normal((1, 5, k)).astype(np.float32)
     (y,) = _run(q, {"x": x})
     ref = x @ w_deq
@@ -117,11 +137,9 @@ def test_weighted_search_graph_computes_the_dequantized_weight(bits, symmetric, 
     imp = rng.exponential(size=k).astype(np.float32) ** 3
     fmt = WeightFormat(bits=bits, block_size=32, symmetric=symmetric, affine=affine)
     q = quantize_matmuls(_one_matmul(w), _mlp_recipe(fmt), TensorStore(), importance={"w": imp})
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    node = q.graph.node[0]
-    zp = inits[node.input[3]] if len(node.input) > 3 else None
-    w_deq = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, 32)
-    np.testing.assert_array_equal(blockwise.dequantize(blockwise.quantize(w, bits, 32, symmetric, True, affine, imp)), w_deq)
+    w_deq = graph_weight(q, k, n, bits, 32)
+    own = blockwise.dequantize(blockwise.quantize(w, bits, 32, symmetric, True, affine, imp))
+    np.testing.assert_allclose(own, w_deq, rtol=0, atol=1e-6 * np.abs(own).max() if affine else 0)
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
     (y,) = _run(q, {"x": x})
     np.testing.assert_allclose(y, x @ w_deq, rtol=1e-5, atol=1e-5 * np.abs(x @ w_deq).max())
@@ -402,7 +420,7 @@ def test_all_positions_variant_matches_last_position_graph(tiny, family):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--quant", "int3"], ["int3", "recipes"]),
+    (["--quant", "int3"], ["--quant int3", "fp32, fp16, int8, int4"]),
     (["--quant", "int4", "--block-size", "48"], ["block size 48"]),
     (["--quant", "fp32", "--block-size", "32"], ["--block-size", "only apply"]),
     (["--quant", "fp16", "--asymmetric"], ["--asymmetric", "only apply"]),
