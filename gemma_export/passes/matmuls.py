@@ -8,6 +8,18 @@ MatMul whose second input is an initializer [K, N] (the transpose is folded into
     x [.., K] ──MatMul(W [K, N])──> y          x ──MatMulNBits(B, scales[, zero_points])──> y
                                         ==>
                                                x ──MatMul(Cast(W16 -> float32))──> y   (fp16)
+
+Affine 4-bit blocks (value = s q + o, a float offset per block) go as a symmetric MatMulNBits plus
+the offsets' share, because onnxruntime's CPU kernel has no fast path for float zero points (it
+dequantizes the whole weight every run: 0.8 vs 25 decode tokens/s on Gemma 3 270M,
+bench/int4_kernels.py):
+
+    x ──MatMulNBits(B, scales)───────────────────────────────┐  (implicit zero point 8)
+    x ──MatMul(S [K, n_blocks]: 1 where row k is in block b)──> xs ──MatMul(O [n_blocks, N])──> Add ──> y
+
+    sum_b s_b x_b.(q_b - zp_b) = sum_b s_b x_b.(q_b - 8) + sum_b (sum x_b) s_b (8 - zp_b),  O = s (8 - zp)
+
+xs (the block sums of x) is computed once per input tensor and shared by the projections that read it.
 """
 
 from __future__ import annotations
@@ -123,6 +135,7 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
     inits = {t.name: t for t in graph.initializer}
     replaced: dict[str, list[onnx.TensorProto]] = {}  # old weight -> new initializers
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
+    block_sums = _BlockSums(store)
     for wm in weight_matmuls(out):
         fmt = recipe.format_for(wm.tensor_class, wm.module)
         if fmt is None:
@@ -150,21 +163,33 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             codes = blockwise.quantize(w, fmt.bits, fmt.block_size, fmt.symmetric, fmt.scale_search, fmt.affine, imp)
             err = codes.rel_error
             b, scales, zp = blockwise.pack(codes)
+            k, n = wm.shape
+            offsets = None
+            if fmt.affine:  # symmetric codes (implicit zero point 8) + offsets O [n_blocks, N]
+                offsets = store.write(f"{wm.module}.block_offsets", _block_offsets(codes))
+                zp = None
             del codes
             tensors = [store.write(f"{wm.module}.weight_Q{fmt.bits}", b), store.write(f"{wm.module}.scales", scales)]
             if zp is not None:
                 tensors.append(store.write(f"{wm.module}.zero_points", zp))
-            replaced[wm.weight] = tensors
-            k, n = wm.shape
+            replaced[wm.weight] = tensors + ([offsets] if offsets is not None else [])
             for i in wm.nodes:
                 old = graph.node[i]
                 attrs = dict(K=k, N=n, bits=fmt.bits, block_size=fmt.block_size)
                 if fmt.accuracy_level:
                     attrs["accuracy_level"] = fmt.accuracy_level
-                node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], list(old.output),
+                y = old.output[0] if offsets is None else f"{old.output[0]}/symmetric"
+                node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
                                         name=f"/{wm.module}/MatMulNBits", domain=MS_DOMAIN, **attrs)
                 node.metadata_props.extend(old.metadata_props)
                 new_nodes[i] = [node]
+                if offsets is not None:
+                    xs = block_sums.of(old.input[0], k, fmt.block_size)
+                    share = f"{old.output[0]}/offsets"
+                    new_nodes[i] += [
+                        helper.make_node("MatMul", [xs, offsets.name], [share], name=f"/{wm.module}/offsets/MatMul"),
+                        helper.make_node("Add", [y, share], [old.output[0]], name=f"/{wm.module}/offsets/Add"),
+                    ]
         del w
         if report is not None:
             report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))
@@ -174,7 +199,9 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
         return out
     nodes = []
     for i, node in enumerate(graph.node):
-        nodes.extend(new_nodes.get(i, [node]))
+        for new in new_nodes.get(i, [node]):
+            nodes.extend(block_sums.due(new))  # a block sum right before its first reader
+            nodes.append(new)
     del graph.node[:]
     graph.node.extend(nodes)
     kept = [t for t in graph.initializer if t.name not in replaced]
@@ -182,9 +209,43 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
     graph.initializer.extend(kept)
     for tensors in replaced.values():
         graph.initializer.extend(tensors)
+    graph.initializer.extend(block_sums.matrices.values())
     if any(n.domain == MS_DOMAIN for n in graph.node):
         _ensure_ms_opset(out)
     return out
+
+
+def _block_offsets(codes: blockwise.BlockCodes) -> np.ndarray:
+    """O [n_blocks, N] float32 = s (8 - zp) of affine 4-bit blocks: what a symmetric MatMulNBits
+    of the same codes leaves out, per unit of the block's input sum."""
+    return np.ascontiguousarray((codes.scales * (8.0 - codes.zero_points)).T.astype(np.float32))
+
+
+class _BlockSums:
+    """xs = MatMul(x, S): the sums of x over each block of K, one node per input tensor, S [K, n_blocks]
+    (0/1) one constant per (K, block size)."""
+
+    def __init__(self, store: TensorStore):
+        self.store = store
+        self.matrices: dict[tuple[int, int], onnx.TensorProto] = {}
+        self._nodes: dict[str, onnx.NodeProto] = {}  # xs name -> its node, until placed
+        self._names: dict[tuple[str, int], str] = {}
+
+    def of(self, x: str, k: int, block: int) -> str:
+        if (x, block) not in self._names:
+            if (k, block) not in self.matrices:
+                s = np.zeros((k, -(-k // block)), dtype=np.float32)
+                s[np.arange(k), np.arange(k) // block] = 1.0
+                self.matrices[(k, block)] = self.store.write(f"block_sums.K{k}.b{block}", s)
+            xs = f"{x}/block_sums_b{block}"
+            self._names[(x, block)] = xs
+            self._nodes[xs] = helper.make_node("MatMul", [x, self.matrices[(k, block)].name], [xs],
+                                               name=f"/{x.strip('/')}/block_sums_b{block}/MatMul")
+        return self._names[(x, block)]
+
+    def due(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The block-sum nodes `node` reads that are not placed yet (then placed)."""
+        return [self._nodes.pop(i) for i in node.input if i in self._nodes]
 
 
 def relocate_initializers(model: onnx.ModelProto, source: TensorStore, target: TensorStore) -> onnx.ModelProto:

@@ -1,0 +1,90 @@
+"""Speed and quality of the int4 recipe's kernel choices on one fp32 export (a benchmark, not a test).
+
+    .venv/bin/python bench/int4_kernels.py FP32_OUT [--work DIR] [--tokens 4096] [--threads 2]
+        [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--json PATH]
+
+onnxruntime's CPU MatMulNBits has fast kernels only for some formats: float zero points (our
+`--affine` blocks) and accuracy level 0 (float activations) send it down a path that
+dequantizes the whole weight each run (bench/decode_profile.py). This derives the int4 recipe
+with each choice from FP32_OUT (requantize_export: the same passes and calibration as
+`gemma-export --quant int4`), then, in one process:
+  quality: `gemma-export eval`'s scores against FP32_OUT on the first --tokens tokens of
+           CPython's docs text (top-1 agreement, KL(fp32 || q), perplexity ratio);
+  speed:   prefill and decode tokens/s, runs interleaved A, B, C, ... so that all see the same
+           machine load (medians of --repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
+from gemma_export.package import requantize_export
+from gemma_export.recipes import RecipeOptions, make_recipe
+from gemma_runtime import Model
+
+CHOICES = {
+    "affine-acc0": RecipeOptions(affine=True, accuracy_level=0),
+    "affine-acc4": RecipeOptions(affine=True, accuracy_level=4),
+    "asym-acc0": RecipeOptions(symmetric=False, accuracy_level=0),
+    "asym-acc4": RecipeOptions(symmetric=False, accuracy_level=4),
+    "sym-acc4": RecipeOptions(symmetric=True, accuracy_level=4),
+}
+
+
+def _speed(folders: dict[str, Path], threads: int, n_prompt: int, n_new: int, repeat: int) -> dict:
+    models = {k: Model.load(v, threads=threads) for k, v in folders.items()}
+    first = next(iter(models.values()))
+    rng = np.random.default_rng(0)
+    prompt = [first.manifest.tokens.bos] + rng.integers(1000, 20000, n_prompt - 1).tolist()
+    runs = {k: {"prefill_tps": [], "decode_tps": []} for k in models}
+    for m in models.values():
+        m.generate_ids(prompt[:16], max_new_tokens=4)  # warm-up
+    for _ in range(repeat):
+        for label, m in models.items():
+            m.generate_ids(prompt, max_new_tokens=n_new)
+            runs[label]["prefill_tps"].append(m.last_stats.prefill_tokens_per_second)
+            runs[label]["decode_tps"].append(m.last_stats.decode_tokens_per_second)
+    return {k: {key: statistics.median(v) for key, v in r.items()} for k, r in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/int4-kernels"))
+    parser.add_argument("--choices", default=",".join(CHOICES))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    folders = {}
+    for name in args.choices.split(","):
+        folders[name] = args.work / name
+        if not (folders[name] / "manifest.json").exists():
+            print(f"deriving {name} ...", flush=True)
+            requantize_export(args.fp32, folders[name], make_recipe("int4", CHOICES[name]))
+    ids = encode_text(args.fp32, cpython_docs_text())[:args.tokens]
+    quality = evaluate_ids(args.fp32, list(folders.values()), ids, threads=args.threads)
+    speed = _speed(folders, args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
+    rows = {}
+    print(f"{'choice':<14}{'top-1':>8}{'KL':>9}{'ppl ratio':>11}{'prefill t/s':>13}{'decode t/s':>12}")
+    for (name, folder), scores in zip(folders.items(), quality.candidates):
+        s = speed[name]
+        rows[name] = {"top1": scores.top1, "kl": scores.kl, "ppl_ratio": scores.ppl_ratio, **s}
+        print(f"{name:<14}{scores.top1:>8.2%}{scores.kl:>9.4f}{scores.ppl_ratio:>11.4f}"
+              f"{s['prefill_tps']:>13.1f}{s['decode_tps']:>12.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"tokens": len(ids), "threads": args.threads, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
