@@ -5,7 +5,7 @@ variant) with seeded random weights whose layer scales make every block matter; 
 save_pretrained, with a word-level tokenizer and the released preprocessor config, and exported
 once per test session (conftest.py's `multimodal` fixture: the vision export is the slow part).
 Its vocabulary is laid out like the released one, scaled down: text [0, 256), vision [256, 384),
-audio [384, 512).
+audio [384, 512). `hf_processor` builds transformers' Gemma3nProcessor for it, offline.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from checkpoints import BOS, EOS, PAD, randomize
 TEXT_VOCAB, VISION_OFFSET, AUDIO_OFFSET, VOCAB = 256, 256, 384, 512
 BOI, BOA, EOI, IMAGE, EOA, AUDIO = 251, 252, 256, 257, 384, 385
 NEW_TOKENS = 16
-MAX_CONTEXT, PREFILL_CHUNK = 640, 64
+MAX_CONTEXT, PREFILL_CHUNK = 1024, 64  # two images and two clips (904 placeholder ids) fit one prompt
 NL = 108  # a text id standing in for "\n\n"
 
 
@@ -79,6 +79,30 @@ def write_tokenizer(path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL.values()])
     tok.save(str(path))
+
+
+# the names a released Gemma 3n tokenizer_config.json gives its multimodal tokens (Gemma3nProcessor reads them)
+MULTIMODAL_TOKENS = {"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI,
+                     "audio_token": AUDIO, "boa_token": BOA, "eoa_token": EOA}
+
+
+def hf_processor(checkpoint: Path):
+    """transformers' own Gemma3nProcessor for the checkpoint, built offline from its files: the
+    tokenizer from tokenizer.json (with the multimodal token names a released tokenizer_config.json
+    declares; the checkpoint has none), the PIL backend of the SigLIP image processor from
+    preprocessor_config.json (the fast one resizes through torchvision, which pillow cannot match
+    exactly), and the default Gemma3nAudioFeatureExtractor."""
+    from transformers import (Gemma3nAudioFeatureExtractor, Gemma3nProcessor, PreTrainedTokenizerFast,
+                              SiglipImageProcessorPil)
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(checkpoint / "tokenizer.json"), bos_token=SPECIAL[BOS], eos_token=SPECIAL[EOS],
+        pad_token=SPECIAL[PAD], extra_special_tokens={name: SPECIAL[i] for name, i in MULTIMODAL_TOKENS.items()})
+    config = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    images = SiglipImageProcessorPil(**{k: v for k, v in config.items()
+                                        if v is not None and k != "image_processor_type"})
+    return Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=images,
+                            tokenizer=tokenizer, audio_seq_length=188, image_seq_length=256)
 
 
 def build(root: Path) -> tuple:
