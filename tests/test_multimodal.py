@@ -3,10 +3,18 @@ configs; the vision tower full-size, mobilenetv5_300m_enc having no smaller vari
 random weights whose layer scales make every block matter) saved with save_pretrained, exported
 once with both encoders, run by the runtime, and compared with the eager model's greedy tokens.
 
-The checkpoint has no tokenizer, so prompts are built by hand as Gemma3nProcessor writes them:
-"\\n\\n" boi + 256 image ids + eoi "\\n\\n", "\\n\\n" boa + 188 audio ids + eoa "\\n\\n" (here the
-text ids stand in for the "\\n\\n" pieces). Its vocabulary is laid out like the released one,
-scaled down: text [0, 256), vision [256, 384), audio [384, 512).
+Raw prompts are built by hand as Gemma3nProcessor writes them: "\\n\\n" boi + 256 image ids + eoi
+"\\n\\n", "\\n\\n" boa + 188 audio ids + eoa "\\n\\n" (NL stands in for "\\n\\n"). Chat prompts go
+through transformers' own Gemma3nProcessor (multimodal_checkpoint.hf_processor, built offline from
+the checkpoint's word-level tokenizer.json and preprocessor_config.json), whose output is what the
+eager model is fed. Its vocabulary is laid out like the released one, scaled down: text [0, 256),
+vision [256, 384), audio [384, 512).
+
+Images are the cost: each is one full-size vision forward on either side (measured on two quiet
+cores: one image ~22 s ours with the session start, ~29 s eager; two images + two clips ~31 s ours,
+~37 s eager). So there are two image prompts: one image alone, and two images + two clips in one
+chat prompt (the `several` fixture), whose runtime tokens the gemma-run test checks its output
+against instead of running Model.chat on them again.
 """
 
 from __future__ import annotations
@@ -64,20 +72,78 @@ def _prompt(images: int, clips: int) -> list[int]:
     return ids + [40, 41, 42, 106, 33]
 
 
-def _eager_tokens(model, out, ids, image, clip) -> list[int]:
+@pytest.fixture(scope="module")
+def more_media(tmp_path_factory):
+    """A second image and two clips as float WAV files (read back bit-exact, so gemma-run, given
+    the files, sees the samples the processor is given): (image path, (clip path, clip path))."""
+    import soundfile
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("more-media")
+    y, x = np.mgrid[0:480, 360:0:-1]
+    rng = np.random.default_rng(2)
+    rgb = np.stack([128 + 120 * np.cos(x / 17.0), y * 255 / 479, 255 - x * 255 / 360], -1)
+    rgb = np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "image2.jpg", quality=90)
+    clips = []
+    for name, seconds, hz in (("clip1.wav", 2.0, 220.0), ("clip2.wav", 3.5, 660.0)):
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        wave = 0.25 * np.sin(2 * np.pi * hz * t * (1 + 0.3 * t)) + 0.05 * rng.standard_normal(t.size)
+        soundfile.write(root / name, wave.astype(np.float32), 16_000, subtype="FLOAT")
+        clips.append(root / name)
+    return root / "image2.jpg", tuple(clips)
+
+
+def _our_inputs(out, images, clips) -> dict:
+    """The eager model's media tensors from the runtime's own pre-processing (the same pixels and
+    30 s-padded features the encoders get; tests/test_image_processing.py and
+    test_audio_features.py compare those with the Hugging Face processors)."""
     from gemma_runtime.audio_features import audio_features
     from gemma_runtime.image_processing import ImageProcessor
 
     kwargs = {}
-    if image is not None:
-        kwargs["pixel_values"] = torch.from_numpy(ImageProcessor.from_folder(out)(image))
-    if clip is not None:
-        features, mask = audio_features(*clip, padding="max_length")
-        kwargs["input_features"], kwargs["input_features_mask"] = torch.from_numpy(features), torch.from_numpy(mask)
+    if images:
+        processor = ImageProcessor.from_folder(out)
+        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([processor(image) for image in images]))
+    if clips:
+        features = [audio_features(*clip, padding="max_length") for clip in clips]
+        kwargs["input_features"] = torch.from_numpy(np.concatenate([f for f, _ in features]))
+        kwargs["input_features_mask"] = torch.from_numpy(np.concatenate([m for _, m in features]))
+    return kwargs
+
+
+def _eager_tokens(model, ids, **media) -> list[int]:
+    ids = torch.as_tensor(ids).reshape(1, -1)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=EOS, pad_token_id=PAD, **kwargs)
-    return out[0, len(ids):].tolist()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=EOS, pad_token_id=PAD, **media)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def processor(built):
+    """transformers' Gemma3nProcessor for the tiny checkpoint (saved beside the export)."""
+    from multimodal_checkpoint import hf_processor
+
+    return hf_processor(built[1].parent / "checkpoint")
+
+
+def _processed(processor, text: str, images=(), clips=()) -> tuple[list[int], dict]:
+    """The processor's output for a rendered chat prompt (as apply_chat_template tokenizes it: no
+    special tokens added, the template writes BOS), audio padded to 30 s as the encoder graph
+    sees it (DESIGN.md, Vision and audio): the eager model's input ids and media tensors."""
+    import soundfile
+    from PIL import Image
+
+    kwargs = {}
+    if images:
+        kwargs["images"] = [Image.open(path) for path in images]
+    if clips:
+        kwargs["audio"] = [soundfile.read(path, dtype="float32")[0] for path in clips]
+        kwargs["audio_kwargs"] = {"padding": "max_length", "sampling_rate": 16_000}
+    out = processor(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
+    media = {k: out[k] for k in ("pixel_values", "input_features", "input_features_mask") if k in out}
+    return out["input_ids"][0].tolist(), media
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +191,9 @@ def test_text_only_generation_does_not_load_encoders(runtime):
     assert runtime.loaded_encoders == ()
 
 
-@pytest.mark.parametrize("images, clips", [(1, 0), (0, 1), (1, 1)], ids=["image", "audio", "image+audio"])
+@pytest.mark.parametrize("images, clips", [(1, 0), (0, 1)], ids=["image", "audio"])
 def test_greedy_tokens_match_eager(built, runtime, media, images, clips):
+    """All 16 tokens (no early stop); image+audio prompts: test_several_images_and_clips."""
     model, out, *_ = built
     image, clip = media
     ids = _prompt(images, clips)
@@ -134,10 +201,71 @@ def test_greedy_tokens_match_eager(built, runtime, media, images, clips):
     ours = runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, images=[image] * images, audio=[clip] * clips)
     ours_s = time.perf_counter() - t
     t = time.perf_counter()
-    ref = _eager_tokens(model, out, ids, image if images else None, clip if clips else None)
+    ref = _eager_tokens(model, ids, **_our_inputs(out, [image] * images, [clip] * clips))
     print(f"\n{images} image(s) {clips} clip(s): runtime {ours_s:.1f} s, eager {time.perf_counter() - t:.1f} s")
     assert ours == ref
-    assert len(ours) == NEW_TOKENS or ours[-1] == EOS
+    assert len(ours) == NEW_TOKENS and EOS not in ours, ours
+
+
+def _runs(ids, token) -> list[int]:
+    """Lengths of the runs of `token` in ids."""
+    from gemma_runtime.multimodal import placeholder_runs
+
+    return [n for _, n in placeholder_runs(np.array(ids), token)]
+
+
+def _user_turn(images, clips, text: str) -> dict:
+    """One user turn as gemma-run writes it: the images, then the clips, then the text."""
+    parts = [{"type": "image", "image": p} for p in images] + [{"type": "audio", "audio": p} for p in clips]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def several(built, runtime, media, more_media, processor):
+    """Two images and two clips in one chat prompt: (messages, chat_ids, processor output, runtime
+    tokens, eager tokens). The one eager generate with images beyond the single-image test."""
+    model, *_ = built
+    images, clips = [media[0], more_media[0]], list(more_media[1])
+    messages = [_user_turn(images, clips, "w40 w41")]
+    ids = runtime.chat_ids(messages)
+    hf_ids, hf_media = _processed(processor, runtime.render_chat(messages), images, clips)
+    t = time.perf_counter()
+    ours = runtime.generate_ids(ids, max_new_tokens=NEW_TOKENS, images=images, audio=clips)
+    ours_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = _eager_tokens(model, hf_ids, **hf_media)
+    print(f"\n2 images 2 clips: runtime {ours_s:.1f} s, eager {time.perf_counter() - t:.1f} s")
+    return messages, ids, (hf_ids, hf_media), ours, ref
+
+
+def test_several_images_and_clips(several):
+    """Two image runs and two audio runs, each filled with its own image / clip in order: the
+    chat's ids are the processor's, and greedy tokens equal the eager model's for all 16."""
+    messages, ids, (hf_ids, hf_media), ours, ref = several
+    assert _runs(ids, IMAGE) == [256, 256] and _runs(ids, AUDIO) == [188, 188]
+    assert ids == hf_ids
+    assert hf_media["pixel_values"].shape[0] == 2 and hf_media["input_features"].shape[0] == 2
+    assert ours == ref
+    assert len(ours) == NEW_TOKENS and EOS not in ours, ours
+
+
+def test_few_shot_audio_chat_matches_eager(built, runtime, more_media, processor):
+    """Model.chat with an audio part in each of two user turns (an example answer between them):
+    its expanded prompt ids are the processor's, which the eager model is fed; its answer is
+    the eager model's 16 greedy tokens."""
+    model, *_ = built
+    first, second = more_media[1]
+    messages = [_user_turn([], [first], "w40 w41"), {"role": "assistant", "content": "w50 w51"},
+                _user_turn([], [second], "w42")]
+    ids = runtime.chat_ids(messages)
+    hf_ids, hf_media = _processed(processor, runtime.render_chat(messages), clips=[first, second])
+    assert ids == hf_ids
+    assert _runs(ids, AUDIO) == [188, 188] and _runs(ids, IMAGE) == []
+    text = runtime.chat(messages, max_new_tokens=NEW_TOKENS, temperature=0)
+    assert runtime.last_stats.stop_reason == "max_new_tokens"
+    ref = _eager_tokens(model, hf_ids, **hf_media)
+    assert len(ref) == NEW_TOKENS and EOS not in ref, ref
+    assert text == runtime.decode(ref)
 
 
 def test_media_rows_never_reused(runtime, media):
@@ -187,16 +315,28 @@ def test_unreadable_media(runtime, media, tmp_path):
     assert runtime.generate_ids([BOS, 30, 31], max_new_tokens=2)
 
 
-def test_chat_expansion_matches_the_processor():
-    from gemma_runtime.multimodal import expand_placeholders
+def test_chat_expansion_matches_the_processor(built, processor):
+    """expand_placeholders + the tokenizer give the ids Gemma3nProcessor gives for the same text
+    (soft tokens of both kinds, twice each, interleaved with text)."""
+    from PIL import Image
+    from tokenizers import Tokenizer
 
-    names = {"image": "<image_soft_token>", "audio": "<audio_soft_token>", "boi": "<start_of_image>",
-             "eoi": "<end_of_image>", "boa": "<start_of_audio>", "eoa": "<end_of_audio>"}
-    text = "<start_of_turn>user\n<image_soft_token><audio_soft_token>Hi<end_of_turn>\n"
+    from gemma_runtime.multimodal import expand_placeholders
+    from multimodal_checkpoint import SPECIAL
+
+    names = {"image": SPECIAL[IMAGE], "audio": SPECIAL[AUDIO], "boi": SPECIAL[BOI], "eoi": SPECIAL[EOI],
+             "boa": SPECIAL[BOA], "eoa": SPECIAL[EOA]}
+    text = ("<bos><start_of_turn>user\n<image_soft_token><audio_soft_token>w40 w41<image_soft_token>w42"
+            "<audio_soft_token><end_of_turn>\n<start_of_turn>model\n")
     got = expand_placeholders(text, names, {"image": 256, "audio": 188})
-    want = ("<start_of_turn>user\n\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\n"
-            "\n\n<start_of_audio>" + "<audio_soft_token>" * 188 + "<end_of_audio>\n\nHi<end_of_turn>\n")
-    assert got == want
+    tokenizer = Tokenizer.from_file(str(built[1] / "tokenizer.json"))  # the export's, which the runtime reads
+    ours = tokenizer.encode(got, add_special_tokens=False).ids
+    image = Image.fromarray(np.full((16, 24, 3), 90, np.uint8))
+    clip = (0.2 * np.sin(np.arange(8_000) / 5.0)).astype(np.float32)
+    want = processor(text=[text], images=[image, image], audio=[clip, clip], add_special_tokens=False,
+                     audio_kwargs={"sampling_rate": 16_000}, return_tensors="np")["input_ids"][0].tolist()
+    assert ours == want
+    assert ours.count(IMAGE) == 512 and ours.count(AUDIO) == 376
 
 
 def test_chat_parts_expand_like_the_processor(runtime, media):
@@ -219,18 +359,23 @@ def test_chat_parts_expand_like_the_processor(runtime, media):
         runtime.chat([{"role": "user", "content": "w40 <audio_soft_token> w41"}], max_new_tokens=1)
 
 
-def test_gemma_run_with_audio(built, media, tmp_path, capsys):
-    import soundfile
-
+def test_gemma_run_with_images_and_audio(built, runtime, several, capsys):
+    """`gemma-run OUT --image A --image B --audio a --audio b "w40 w41"` (greedy, 16 tokens) exits 0
+    and prints what Model.chat gives for that turn: the CLI sends one user turn, images then clips
+    then the text, through Model.chat, whose ids and tokens `several` compared with the processor
+    and the eager model (Model.chat = the decoded greedy tokens of its chat_ids, as
+    test_chat_parts_expand_like_the_processor checks; running it again would cost two more
+    vision forwards)."""
     from gemma_runtime.cli import main
 
-    _, clip = media
-    wav = tmp_path / "clip.wav"
-    soundfile.write(wav, clip[0], clip[1])
-    assert main([str(built[1]), "--audio", str(wav), "--max-new-tokens", "3", "--temperature", "0", "w40 w41"]) == 0
+    messages, _, _, ours, _ = several
+    images = [part["image"] for part in messages[0]["content"] if part["type"] == "image"]
+    clips = [part["audio"] for part in messages[0]["content"] if part["type"] == "audio"]
+    media = [arg for p in images for arg in ("--image", str(p))] + [arg for p in clips for arg in ("--audio", str(p))]
+    argv = [str(built[1]), *media, "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0", "w40 w41"]
     capsys.readouterr()
-    assert main([str(built[1]), "--image", str(tmp_path / "missing.png"), "w40"]) == 2
-    assert "image file not found" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert capsys.readouterr().out == runtime.decode([t for t in ours if t != EOS]) + "\n"
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
