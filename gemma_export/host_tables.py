@@ -6,13 +6,16 @@ Row formats (TABLE_FORMATS in recipes.py), each a HostTable layout of the manife
 - float32: the rows as they are.
 - int8 per row (the default of the int8/int4 recipes): q[r] = round(x[r] / s[r]) in [-127, 127]
   with s[r] = max|x[r]| / 127, one byte a value.
-- int4 per row: q[r] = round(x[r] / s[r]) in [-7, 7] with s[r] = max|x[r]| / 7, two values a byte
-  (two's complement nibbles, column 2j in the low nibble of byte j, 2j+1 in the high one, as
-  MatMulNBits packs; a row of odd width ends in a byte whose high nibble is 0), ceil(cols / 2)
-  bytes a row. Symmetric [-7, 7] rather than [-8, 7]: with one scale and no zero point, the row's
-  largest magnitude, positive or negative, lands exactly on +-7 (with -8 and s = max / 8 a positive
-  peak would clip to 7, one whole step off at the row's largest value); -8 is left unused as -128
-  is for int8.
+- int4 per row: q[r] = round(x[r] / s[r]) in [-8, 7], two values a byte (two's complement
+  nibbles, column 2j in the low nibble of byte j, 2j+1 in the high one, as MatMulNBits packs; a
+  row of odd width ends in a byte whose high nibble is 0), ceil(cols / 2) bytes a row. All 16 codes,
+  no zero point: the scale takes the sign that puts the row's largest magnitude x_p on the -8 side,
+  s[r] = -x_p * c / 8 (llama.cpp's Q4_0 at c = 1), so the step is |x_p| / 8 rather than the |x_p| / 7
+  of [-7, 7]; c in 1.0, 0.95, ..., 0.5 is searched per row for the least squared error (clipping the
+  few largest values where that pays). On Gemma 3 270M's token table (fp32 graphs, 4096 tokens of
+  CPython's docs vs the fp32 export): [-7, 7] at s = max / 7 81.7% top-1, KL 0.156, ppl ratio 1.154;
+  [-8, 7] at c = 1 84.2%, 0.112, 1.103; with the search 86.1%, 0.096, 1.106 (the search: ~10 s a
+  270M table on 2 cores).
 The quantized rows come first, then (at a 64-byte aligned offset) one float32 scale a row
 (scale_layout "per_row"); the runtime dequantizes q[r] * s[r] for the looked-up rows only.
 """
@@ -67,11 +70,39 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
 
 
+INT4_CLIPS = tuple(1 - 0.05 * i for i in range(11))  # c of s = -x_p * c / 8, tried in this order
+_INT4_STEP = 1 << 22  # values quantized at a time by the search (its temporaries stay ~100 MB)
+
+
+def int4_row_scales(x: np.ndarray) -> np.ndarray:
+    """float32 [rows]: per row, of s = -x_p * c / 8 over c in INT4_CLIPS (x_p the row's value of
+    largest magnitude), the first with the least sum of (clip(round(x / s), -8, 7) * s - x)^2."""
+    peak = x[np.arange(x.shape[0]), np.abs(x).argmax(axis=1)]
+    best, best_err = None, None
+    for c in INT4_CLIPS:
+        scale = (peak * np.float32(-c / 8)).astype(np.float32)
+        err = np.square(_codes(x, scale, 8) * scale[:, None] - x).sum(axis=1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = np.where(better, scale, best), np.where(better, err, best_err)
+    return best
+
+
+def _codes(x: np.ndarray, scale: np.ndarray, top: int) -> np.ndarray:
+    """clip(round(x / s), -top, top - 1) per row (a zero scale gives zeros), float32."""
+    safe = np.where(scale != 0, scale, 1).astype(np.float32)
+    return np.clip(np.rint(x / safe[:, None]), -top, top - 1)
+
+
 def quantize_rows_int4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(packed uint8 [rows, ceil(cols / 2)], scales float32 [rows]): x[r] ~ q[r] * scales[r] with
-    q[r] in [-7, 7], packed by pack_int4."""
-    q, scales = _row_scales(x, 7)
-    return pack_int4(q.astype(np.int8)), scales
+    q[r] in [-8, 7] (scales from int4_row_scales), packed by pack_int4."""
+    x = np.asarray(x, dtype=np.float32)
+    step = max(1, _INT4_STEP // max(1, x.shape[1]))
+    scales = np.concatenate([int4_row_scales(x[i : i + step]) for i in range(0, x.shape[0], step)])
+    return pack_int4(_codes(x, scales, 8).astype(np.int8)), scales
 
 
 # per-row formats: name -> the quantizer of a float32 block of rows

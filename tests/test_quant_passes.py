@@ -293,13 +293,22 @@ def test_int8_table_lookup_equals_the_dequantized_rows(tiny, tmp_path):
 
 
 def _int4_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed uint8 [rows, ceil(cols / 2)], scales, dequantized rows) of float32 rows x, from the
-    layout in HostTable's docstring: q = round(x / s) in [-7, 7], s = max|x| / 7, column 2j in the
-    low nibble of byte j, 2j + 1 in its high nibble, two's complement, 0 past an odd end."""
-    scale = (np.abs(x).max(axis=1) / 7).astype(np.float32)
-    q = np.clip(np.rint(x / np.where(scale > 0, scale, 1)[:, None]), -7, 7).astype(np.int16)
-    nib = np.pad(q & 0xF, ((0, 0), (0, q.shape[1] % 2)))
-    return (nib[:, 0::2] | nib[:, 1::2] << 4).astype(np.uint8), scale, (q * scale[:, None]).astype(np.float32)
+    """(packed uint8 [rows, ceil(cols / 2)], scales, dequantized rows) of float32 rows x, from
+    host_tables.py's docstring: q = round(x / s) in [-8, 7], s = -x_p * c / 8 with x_p the row's value
+    of largest magnitude and c the first of 1.0, 0.95, ..., 0.5 of least squared error; column 2j in
+    the low nibble of byte j, 2j + 1 in its high nibble, two's complement, 0 past an odd end."""
+    peak = x[np.arange(len(x)), np.abs(x).argmax(axis=1)]
+    best_err = np.full(len(x), np.inf)
+    for c in (1 - 0.05 * i for i in range(11)):
+        s = (peak * np.float32(-c / 8)).astype(np.float32)
+        q = np.clip(np.rint(x / np.where(s != 0, s, 1)[:, None]), -8, 7)
+        err = np.square(q * s[:, None] - x).sum(axis=1)
+        if c == 1:
+            scale, codes = s, q
+        better = err < best_err
+        scale, codes, best_err = np.where(better, s, scale), np.where(better[:, None], q, codes), np.where(better, err, best_err)
+    nib = np.pad(codes.astype(np.int16) & 0xF, ((0, 0), (0, x.shape[1] % 2)))
+    return (nib[:, 0::2] | nib[:, 1::2] << 4).astype(np.uint8), scale, (codes * scale[:, None]).astype(np.float32)
 
 
 def test_int4_tables_export_runs_as_its_dequantized_tables(tiny, tmp_path):

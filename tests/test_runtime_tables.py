@@ -65,10 +65,12 @@ def test_bad_layouts_are_clear_errors(tmp_path, spec, match):
 
 
 def _int4_reference(real: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """(packed rows, scales, dequantized rows): q = round(x / s) in [-7, 7], s = max|x| / 7; byte j
-    of a row holds column 2j in its low nibble and 2j + 1 in its high nibble (0 past an odd end)."""
-    scales = (np.abs(real).max(1) / 7).astype(np.float32)
-    q = np.clip(np.rint(real / np.where(scales > 0, scales, 1)[:, None]), -7, 7).astype(np.int64)
+    """(packed rows, scales, dequantized rows): q = round(x / s) in [-8, 7] with a signed scale
+    s = -x_p / 8 (x_p the row's value of largest magnitude, on -8); byte j of a row holds column 2j
+    in its low nibble and 2j + 1 in its high nibble (0 past an odd end)."""
+    peak = real[np.arange(len(real)), np.abs(real).argmax(1)]
+    scales = (-peak / 8).astype(np.float32)
+    q = np.clip(np.rint(real / np.where(scales != 0, scales, 1)[:, None]), -8, 7).astype(np.int64)
     rows, cols = q.shape
     packed = bytearray()
     for r in range(rows):
@@ -102,7 +104,7 @@ def test_int4_per_row_lookup_equals_the_dequantized_rows(tmp_path, cols):
     strided = np.full((len(ids), 2 * cols), np.nan, np.float32)[:, ::2]  # a view that is not contiguous
     reader.lookup(ids, out=strided)
     np.testing.assert_array_equal(strided, want[ids])
-    assert np.abs(reader.lookup(ids) - real[ids]).max() <= reader.scales[ids].max() / 2 + 1e-6
+    assert (np.abs(reader.lookup(ids) - real[ids]) <= np.abs(reader.scales[ids])[:, None] * (1 + 1e-6)).all()
 
 
 def test_int4_decodes_every_nibble(tmp_path):

@@ -51,7 +51,8 @@ class HostTable:
     means an int table whose row r dequantizes as data[r] * scale[r] with `scale_dtype` scales at
     `scale_offset`. dtype "int8": one value a byte. dtype "int4": two signed (two's complement)
     4-bit values a byte, column 2j in the low nibble of byte j and column 2j+1 in its high nibble
-    (MatMulNBits' order), row_bytes = ceil(cols / 2); an odd row's last high nibble is 0.
+    (MatMulNBits' order), row_bytes = ceil(cols / 2); an odd row's last high nibble is 0; its
+    scales may be negative (the sign that puts a row's largest magnitude on -8).
     Rows already carry the embedding multiplier (sqrt(H) or sqrt(P)).
     """
 
