@@ -115,8 +115,9 @@ class HostTableReader:
             # row by row from the memory map into `out` (a contiguous stand-in if `out` is strided):
             # no packed or dequantized copy of the looked-up rows beside the output
             rows_out = out if out.flags.c_contiguous else np.empty_like(out)
-            for k, i in enumerate(ids):
-                _dequantize_int4_row(self.data[i], self.scales[i], rows_out[k])
+            packed, scales = self.data.view(np.ndarray), self.scales.view(np.ndarray)  # no np.memmap per row
+            for k, i in enumerate(ids.tolist()):
+                _dequantize_int4_row(packed[i], scales[i], rows_out[k])
             if rows_out is not out:
                 np.copyto(out, rows_out)
             return out
