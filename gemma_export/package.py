@@ -351,7 +351,8 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     with _staging_folder(out) as staging:
         graph = base.graphs["decoder"]
         tables = dict(base.tables)
-        derived = {t.file for t in tables.values()} if recipe.tables == "int8" else set()
+        quantized_tables = recipe.tables != "float32"  # int8 or int4 rows (host_tables.py)
+        derived = {t.file for t in tables.values()} if quantized_tables else set()
         if recipe.changes_graph:
             derived |= {graph.file, graph.data_file}
         derived |= quantized_encoder_files(base.graphs, recipe)
@@ -362,8 +363,8 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         rewritten = recipe.changes_graph or graph_passes is not None
         graph_record = _run_graph_passes(staging, passes, progress) if rewritten else None
         encoders_record = quantize_encoders(staging, base.graphs, recipe, progress, source=src)
-        if recipe.tables == "int8":
-            tables = {k: quantize_table_file(staging, t, source=src) for k, t in tables.items()}
+        if quantized_tables:
+            tables = {k: quantize_table_file(staging, t, source=src, row_format=recipe.tables) for k, t in tables.items()}
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = dict(base.provenance)
         if graph_record is not None:

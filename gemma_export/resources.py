@@ -77,7 +77,8 @@ def estimate(variant: Variant, recipe=None) -> tuple[int, int]:
     with torch.device("meta"):
         model = TextDecoder(variant, 1)
     decoder = sum(_weight_bytes(n, tuple(p.shape), recipe) for n, p in model.named_parameters())
-    tables = table_parameters(variant) * (1 if recipe is not None and recipe.tables == "int8" else _FLOAT)
+    table_bytes = {"int8": 1, "int4": 0.5}.get(recipe.tables if recipe is not None else "float32", _FLOAT)
+    tables = int(table_parameters(variant) * table_bytes)
     memory = 4 * largest_weight(variant) * _FLOAT + GIB
     return int(decoder * 1.05) + tables, memory
 

@@ -386,13 +386,16 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_export_and_requantize_agree(tiny, tmp_path):
+@pytest.mark.parametrize("tables", ["int8", "int4"])
+def test_export_and_requantize_agree(tiny, tmp_path, tables):
     """gemma-export --quant int4 and requantize_export(fp32 export) write the same bytes."""
-    direct = _export(tiny, "gemma3_sw24", tmp_path / "direct", "--quant", "int4", "--block-size", "16")
+    direct = _export(tiny, "gemma3_sw24", tmp_path / "direct", "--quant", "int4", "--block-size", "16", "--tables", tables)
     derived = tmp_path / "derived"
-    requantize_export(tiny.export("gemma3_sw24"), derived, make_recipe("int4", _options(block_size=16)))
+    requantize_export(tiny.export("gemma3_sw24"), derived, make_recipe("int4", _options(block_size=16, tables=tables)))
     for f in ("decoder.data", "embed_tokens.bin"):
         assert _sha(direct / f) == _sha(derived / f), f
+    layouts = [json.loads((d / "manifest.json").read_text())["tables"]["embed_tokens"] for d in (direct, derived)]
+    assert layouts[0] == layouts[1] and layouts[0]["dtype"] == tables
     rec = json.loads((direct / "manifest.json").read_text())["provenance"]["quant_recipe"]
     assert rec["name"] == "int4" and rec["attention"]["bits"] == 4 and rec["lm_head"]["bits"] == 8
     assert rec["largest_errors"] and rec["tensors"] > 0
