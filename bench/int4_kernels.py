@@ -1,12 +1,12 @@
-"""Speed and quality of the int4 recipe's kernel choices on one fp32 export (a benchmark, not a test).
+"""Speed and quality of the int4/int8 recipes' kernel choices on one fp32 export (a benchmark, not a test).
 
     .venv/bin/python bench/int4_kernels.py FP32_OUT [--work DIR] [--tokens 4096] [--threads 2]
         [--prompt-tokens 128] [--new-tokens 64] [--repeat 3] [--json PATH]
 
 onnxruntime's CPU MatMulNBits has fast kernels only for some formats: float zero points (our
 `--affine` blocks) and accuracy level 0 (float activations) send it down a path that
-dequantizes the whole weight each run (bench/decode_profile.py). This derives the int4 recipe
-with each choice from FP32_OUT (requantize_export: the same passes and calibration as
+dequantizes the whole weight each run (bench/decode_profile.py). This derives the int4 (or int8)
+recipe with each choice from FP32_OUT (requantize_export: the same passes and calibration as
 `gemma-export --quant int4`), then, in one process:
   quality: `gemma-export eval`'s scores against FP32_OUT on the first --tokens tokens of
            CPython's docs text (top-1 agreement, KL(fp32 || q), perplexity ratio);
@@ -17,6 +17,7 @@ with each choice from FP32_OUT (requantize_export: the same passes and calibrati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -25,15 +26,29 @@ import numpy as np
 
 from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
 from gemma_export.package import requantize_export
-from gemma_export.recipes import RecipeOptions, make_recipe
+from gemma_export.recipes import Recipe, RecipeOptions, make_recipe
 from gemma_runtime import Model
 
+def _eight_bit_at_acc4(recipe: Recipe) -> Recipe:
+    """The recipe's 8-bit tensors (LM head, k/v) at accuracy level 4, its 4-bit ones as they are:
+    onnxruntime's 8-bit MatMulNBits has a fast CPU kernel only with int8 activations."""
+    def fast(fmt):
+        return dataclasses.replace(fmt, accuracy_level=4) if fmt is not None and fmt.bits == 8 else fmt
+
+    return dataclasses.replace(recipe, attention=fast(recipe.attention), mlp=fast(recipe.mlp), lm_head=fast(recipe.lm_head),
+                               other=fast(recipe.other), overrides=tuple((m, fast(f)) for m, f in recipe.overrides))
+
+
+# name: (recipe, options, change to the recipe made from them)
 CHOICES = {
-    "affine-acc0": RecipeOptions(affine=True, accuracy_level=0),
-    "affine-acc4": RecipeOptions(affine=True, accuracy_level=4),
-    "asym-acc0": RecipeOptions(symmetric=False, accuracy_level=0),
-    "asym-acc4": RecipeOptions(symmetric=False, accuracy_level=4),
-    "sym-acc4": RecipeOptions(symmetric=True, accuracy_level=4),
+    "affine-acc0": ("int4", RecipeOptions(affine=True, accuracy_level=0), None),
+    "affine-acc0-w8acc4": ("int4", RecipeOptions(affine=True, accuracy_level=0), _eight_bit_at_acc4),
+    "affine-acc4": ("int4", RecipeOptions(affine=True, accuracy_level=4), None),
+    "asym-acc0": ("int4", RecipeOptions(symmetric=False, accuracy_level=0), None),
+    "asym-acc4": ("int4", RecipeOptions(symmetric=False, accuracy_level=4), None),
+    "sym-acc4": ("int4", RecipeOptions(symmetric=True, accuracy_level=4), None),
+    "int8-acc0": ("int8", RecipeOptions(accuracy_level=0), None),
+    "int8-acc4": ("int8", RecipeOptions(accuracy_level=4), None),
 }
 
 
@@ -71,7 +86,9 @@ def main() -> None:
         folders[name] = args.work / name
         if not (folders[name] / "manifest.json").exists():
             print(f"deriving {name} ...", flush=True)
-            requantize_export(args.fp32, folders[name], make_recipe("int4", CHOICES[name]))
+            recipe_name, options, change = CHOICES[name]
+            recipe = make_recipe(recipe_name, options)
+            requantize_export(args.fp32, folders[name], change(recipe) if change else recipe)
     ids = encode_text(args.fp32, cpython_docs_text())[:args.tokens]
     quality = evaluate_ids(args.fp32, list(folders.values()), ids, threads=args.threads)
     speed = _speed(folders, args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
