@@ -12,6 +12,31 @@ recipe with each choice from FP32_OUT (requantize_export: the same passes and ca
            CPython's docs text (top-1 agreement, KL(fp32 || q), perplexity ratio);
   speed:   prefill and decode tokens/s, runs interleaved A, B, C, ... so that all see the same
            machine load (medians of --repeat).
+
+Measured 2026-12-01, real Gemma 3 270M, 4096 tokens, 2 threads, 128-token prompt + 64 new, on a
+shared 2-core machine (load 2-8: compare rows of one run, not runs):
+
+    run  choice               top-1    KL      ppl ratio  prefill t/s  decode t/s
+    1    affine-acc0 (float zero points, as before)
+                              91.31%   0.0314  1.0212      67.0         0.82
+    1    affine-acc4          90.87%   0.0323  1.0215     137.5         3.28
+    1    asym-acc0            84.69%   0.0972  1.0982      72.2         0.88
+    1    asym-acc4            84.25%   0.0993  1.1009     192.3        24.75
+    1    sym-acc4             84.03%   0.1207  1.1271     185.6        23.22
+    2    affine-acc4 (symmetric MatMulNBits + offsets, passes/matmuls.py)
+                              90.70%   0.0338  1.0221     317.3        58.42
+    2    affine-acc0          91.31%   0.0314  1.0212     117.1         1.28
+    2    asym-acc4            84.25%   0.0993  1.1009     524.5        71.62
+    3    affine-acc4          90.70%   0.0338  1.0221     435.3        52.67
+    3    affine-acc0-w8acc4   90.72%   0.0323  1.0214     393.9        42.90
+    4    affine-acc4          90.70%   0.0338  1.0221     222.6        25.64
+    4    int8-acc0            98.10%   0.0011  0.9980      68.4         0.81
+    4    int8-acc4            96.68%   0.0033  0.9998     254.8        30.00
+
+Float zero points run onnxruntime's slow path; so does any 8-bit weight below level 4 (the int4
+recipe's LM head and k/v, and the whole int8 recipe). The checkpoint's Q4_K tensors are affine
+blocks of 32 (a float offset each), which uint8 zero points cannot hold: hence affine. Since run 2
+the int4 recipe is affine-acc4; int8 stays at level 0 (its quality target), 37x slower than level 4.
 """
 
 from __future__ import annotations
