@@ -82,12 +82,23 @@ def real_270m_build(tmp_path_factory) -> tuple[Path, int | None]:
     if given:
         return Path(given), None
     out = tmp_path_factory.mktemp("real") / "gemma3-270m"
-    child = subprocess.Popen([sys.executable, "-c", "import sys; from gemma_export.cli import main; "
-                              "sys.exit(main(sys.argv[1:]))", "--variant", "gemma3-270m", "--quiet", str(out)])
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, f"gemma-export --variant gemma3-270m failed (exit {child.returncode})"
-    return out, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    # the child reports its own VmHWM, which starts afresh at exec; not ru_maxrss, which Linux
+    # carries over fork and exec: it would be this (large) pytest process's peak
+    run = subprocess.run([sys.executable, "-c", _EXPORT_AND_REPORT_PEAK, "--variant", "gemma3-270m", "--quiet", str(out)],
+                         stdout=subprocess.PIPE, text=True)
+    assert run.returncode == 0, f"gemma-export --variant gemma3-270m failed (exit {run.returncode})"
+    return out, int(run.stdout.split("peak_rss=")[-1])
+
+
+_EXPORT_AND_REPORT_PEAK = """
+import sys
+from gemma_export.cli import main
+rc = main(sys.argv[1:])
+with open("/proc/self/status", encoding="ascii") as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(f"peak_rss={kib * 1024}")
+sys.exit(rc)
+"""
 
 
 @pytest.fixture(scope="session")
