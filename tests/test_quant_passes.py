@@ -128,6 +128,38 @@ def test_scale_search_never_worse_than_round_to_nearest():
         assert searched <= rtn * 0.999
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat(bits=16), WeightFormat(bits=4, symmetric=False, affine=True),
+                                 WeightFormat(bits=8)], ids=["fp16", "int4-affine", "int8"])
+def test_two_weights_of_one_module_get_names_of_their_own(fmt):
+    """The exporter can write one parameter as two initializers whose MatMuls carry the same module
+    path (full-size Gemma 3n's AltUp modality router: fp16 redeclared its Cast output). Each
+    gets its own tensors and nodes; the graph is valid and computes both products."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(5)
+    k, n = 64, 16
+    w1, w2 = (rng.standard_normal((k, n)).astype(np.float32) for _ in range(2))
+    scope = "['', 'decoder', 'decoder.layers.0.mlp.up_proj', 'linear']"
+    nodes = [helper.make_node("MatMul", ["x", w], [y], name=f"mm_{w}") for w, y in (("w1", "y1"), ("w2", "y2"))]
+    for node in nodes:
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scope)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", k])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "T", n]) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    q = quantize_matmuls(model, _mlp_recipe(fmt), TensorStore())
+    outputs = [o for node in q.graph.node for o in node.output]
+    assert len(outputs) == len(set(outputs))
+    assert len({t.name for t in q.graph.initializer}) == len(q.graph.initializer)
+    ir.from_proto(q)  # what the graph passes load it with: refuses a redeclared output
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    y1, y2 = _run(q, {"x": x})
+    tol = 0.02 if fmt.bits == 16 else 0.25
+    for y, w in ((y1, w1), (y2, w2)):
+        assert np.abs(y - x @ w).max() <= tol * np.abs(x @ w).max()
+    assert np.abs(y1 - y2).max() > 0.5  # each product its own weight
+
+
 @pytest.mark.parametrize("bits, symmetric, affine", [(4, False, True), (4, True, False), (4, False, False), (8, True, False)])
 def test_weighted_search_graph_computes_the_dequantized_weight(bits, symmetric, affine):
     """With calibration importance the packed weight is still exactly what the graph multiplies by."""

@@ -25,6 +25,7 @@ xs (the block sums of x) is computed once per input tensor and shared by the pro
 from __future__ import annotations
 
 import ast
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,19 +137,25 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
     replaced: dict[str, list[onnx.TensorProto]] = {}  # old weight -> new initializers
     new_nodes: dict[int, list[onnx.NodeProto]] = {}  # node index -> its replacement nodes
     block_sums = _BlockSums(store)
-    for wm in weight_matmuls(out):
+    groups = weight_matmuls(out)
+    # names of the new tensors and nodes come from the module path; two weights of one module (the
+    # exporter can write one parameter as two initializers, e.g. Gemma 3n's AltUp modality router
+    # used by predict and correct) also carry their own initializer's name
+    per_module = Counter(wm.module for wm in groups)
+    for wm in groups:
         fmt = recipe.format_for(wm.tensor_class, wm.module)
         if fmt is None:
             continue
+        stem = wm.module if per_module[wm.module] == 1 else f"{wm.module}.{wm.weight}"
         w = store.read(inits[wm.weight])
         if fmt.bits == 16:
             w16 = w.astype(np.float16)
             if not np.isfinite(w16).all():
                 raise ValueError(f"{wm.module}: weights overflow float16")
             err = float(np.linalg.norm(w - w16.astype(np.float32)) / max(np.linalg.norm(w), 1e-30))
-            t16 = store.write(f"{wm.module}.weight_fp16", w16)
-            cast_out = f"{wm.module}.weight_fp16_to_fp32"
-            cast = helper.make_node("Cast", [t16.name], [cast_out], name=f"/{wm.module}/Cast", to=onnx.TensorProto.FLOAT)
+            t16 = store.write(f"{stem}.weight_fp16", w16)
+            cast_out = f"{stem}.weight_fp16_to_fp32"
+            cast = helper.make_node("Cast", [t16.name], [cast_out], name=f"/{stem}/Cast", to=onnx.TensorProto.FLOAT)
             replaced[wm.weight] = [t16]
             for n, i in enumerate(wm.nodes):
                 node = onnx.NodeProto()
@@ -166,12 +173,12 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             k, n = wm.shape
             offsets = None
             if fmt.affine:  # symmetric codes (implicit zero point 8) + offsets O [n_blocks, N]
-                offsets = store.write(f"{wm.module}.block_offsets", _block_offsets(codes))
+                offsets = store.write(f"{stem}.block_offsets", _block_offsets(codes))
                 zp = None
             del codes
-            tensors = [store.write(f"{wm.module}.weight_Q{fmt.bits}", b), store.write(f"{wm.module}.scales", scales)]
+            tensors = [store.write(f"{stem}.weight_Q{fmt.bits}", b), store.write(f"{stem}.scales", scales)]
             if zp is not None:
-                tensors.append(store.write(f"{wm.module}.zero_points", zp))
+                tensors.append(store.write(f"{stem}.zero_points", zp))
             replaced[wm.weight] = tensors + ([offsets] if offsets is not None else [])
             for i in wm.nodes:
                 old = graph.node[i]
@@ -180,15 +187,15 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                     attrs["accuracy_level"] = fmt.accuracy_level
                 y = old.output[0] if offsets is None else f"{old.output[0]}/symmetric"
                 node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
-                                        name=f"/{wm.module}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+                                        name=f"/{stem}/MatMulNBits", domain=MS_DOMAIN, **attrs)
                 node.metadata_props.extend(old.metadata_props)
                 new_nodes[i] = [node]
                 if offsets is not None:
                     xs = block_sums.of(old.input[0], k, fmt.block_size)
                     share = f"{old.output[0]}/offsets"
                     new_nodes[i] += [
-                        helper.make_node("MatMul", [xs, offsets.name], [share], name=f"/{wm.module}/offsets/MatMul"),
-                        helper.make_node("Add", [y, share], [old.output[0]], name=f"/{wm.module}/offsets/Add"),
+                        helper.make_node("MatMul", [xs, offsets.name], [share], name=f"/{stem}/offsets/MatMul"),
+                        helper.make_node("Add", [y, share], [old.output[0]], name=f"/{stem}/offsets/Add"),
                     ]
         del w
         if report is not None:
