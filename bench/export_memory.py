@@ -8,6 +8,13 @@ blocks. Peak RSS should stay near a few copies of the largest tensor, not the mo
     .venv/bin/python bench/export_memory.py --variant e2b --random-weights --recipes int4 --runtime   # ~40 min, 2 cores
     .venv/bin/python bench/export_memory.py --runtime-only OUT   # the runtime's figure for an existing export
 
+Measured 2026-12-01, E2B-shaped random weights (float32 weights 18.52 GiB, largest tensor 2.00 GiB):
+    int4  (this machine, 2 cores, niced beside other work): export peak RSS 4.04 GiB, 4.53 GiB on
+          disk (decoder.data 2.15, per_layer.bin 1.88, embed_tokens.bin 0.50), 2458 s; runtime
+          (--runtime: 128-token prompt + 32 decode steps, max context 4096) peak RSS 5.03 GiB.
+    fp16  (the lent 16-core machine): export peak RSS 8.18 GiB, 14.02 GiB on disk, 207 s.
+    fp32 and int8 not measured yet (fp32 did not finish in the 190 s left on the lent machine).
+
 Each export runs in its own process (peak RSS from wait4, the same figure as /usr/bin/time -v).
 --runtime also loads each export with gemma_runtime in a child process (2 threads), feeds a
 128-token prompt and decodes 32 tokens, and prints that process's peak RSS: host tables are
