@@ -35,6 +35,14 @@ Measured (2026-11-24, shared 2-core machine under heavy load, so --tokens 1024; 
     genai int4 k_quant_mixed, acc 1     79.10%   0.20633      1.2923     297
     genai fp32 (adapter sanity)        100.00%   0.00000      1.0000
 
+Measured 2026-12-01 at --tokens 4096 (int4 now at accuracy level 4 with its affine blocks as a
+symmetric MatMulNBits plus offsets, bench/int4_kernels.py; genai int4 rebuilt by build_genai.py):
+
+    model                               top-1    KL(fp32||q)  ppl ratio  size MiB
+    ours int8                           98.10%   0.00106      0.9980     482
+    ours int4 (recipes.int4)            90.70%   0.03383      1.0221     449
+    genai int4 (default: RTN sym, acc4) 63.57%   0.59861      1.9236     200
+
 --ours: our quantized exports to score (default: int8 and int4 derived from --reference with
 requantize_export into --workdir, the same passes as `gemma-export --quant`).
 """
