@@ -8,6 +8,11 @@ on random pixels.
     python bench/vision_latency.py [--checkpoint SRC] [--text-hidden 2048] [--threads 2] [--runs 3] [--keep DIR]
                                    [--image PHOTO]
 
+Measured 2026-12-01 (random weights, random pixels, 2 threads, --runs 2, a shared 2-core machine):
+ours fp32 5.92 s per image vs eager 6.79 s (1.15x); int8 7.45 s (runs 8.96 / 5.94: noisy);
+max abs diff to eager 3.7e-6 (|ref| max 3.73); vision.data 1138 MiB fp32, 287 MiB int8; int8
+soft-embedding cosine to fp32 0.99909 (lowest token 0.99900); export 35 s.
+
 Without --checkpoint the weights are seeded random (full-size MobileNetV5 tower, embedder to a
 text hidden size of --text-hidden: 2048 is Gemma 3n E2B's). Prints one JSON line.
 """
