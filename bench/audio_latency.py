@@ -11,6 +11,11 @@ encoder, exports it with external data, and times one run of each on the same pa
 and prints the max abs difference between fp32 and eager, and the cosine of int8 to fp32 soft
 embeddings (on --audio-file, e.g. CMU ARCTIC's arctic_a0007.wav as pysptk ships it, else on a tone
 in noise). Needs about 12 GB of memory at full size.
+
+Measured 2026-12-01 (full size, random weights, 30 s of tone in noise, 2 threads, shared 2-core
+machine): eager 7.15 s, ours fp32 5.27-5.31 s (1.35x), ours int8 6.02-6.25 s; front end 113 ms;
+audio graph 2743 MB fp32, 866 MB int8 (quantized in 23 s); max abs diff to eager 7.3e-6
+(tolerance 4.5e-4); int8 soft-embedding cosine to fp32 0.99959 (lowest token 0.99945).
 """
 
 from __future__ import annotations
