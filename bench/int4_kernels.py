@@ -44,15 +44,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 from pathlib import Path
-
-import numpy as np
 
 from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
 from gemma_export.package import requantize_export
 from gemma_export.recipes import Recipe, RecipeOptions, make_recipe
-from gemma_runtime import Model
+from fusion_speed import _measure as measure_speed  # bench/: interleaved runs, medians
+
 
 def _eight_bit_at_acc4(recipe: Recipe) -> Recipe:
     """The recipe's 8-bit tensors (LM head, k/v) at accuracy level 4, its 4-bit ones as they are:
@@ -75,22 +73,6 @@ CHOICES = {
     "int8-acc0": ("int8", RecipeOptions(accuracy_level=0), None),
     "int8-acc4": ("int8", RecipeOptions(accuracy_level=4), None),
 }
-
-
-def _speed(folders: dict[str, Path], threads: int, n_prompt: int, n_new: int, repeat: int) -> dict:
-    models = {k: Model.load(v, threads=threads) for k, v in folders.items()}
-    first = next(iter(models.values()))
-    rng = np.random.default_rng(0)
-    prompt = [first.manifest.tokens.bos] + rng.integers(1000, 20000, n_prompt - 1).tolist()
-    runs = {k: {"prefill_tps": [], "decode_tps": []} for k in models}
-    for m in models.values():
-        m.generate_ids(prompt[:16], max_new_tokens=4)  # warm-up
-    for _ in range(repeat):
-        for label, m in models.items():
-            m.generate_ids(prompt, max_new_tokens=n_new)
-            runs[label]["prefill_tps"].append(m.last_stats.prefill_tokens_per_second)
-            runs[label]["decode_tps"].append(m.last_stats.decode_tokens_per_second)
-    return {k: {key: statistics.median(v) for key, v in r.items()} for k, r in runs.items()}
 
 
 def main() -> None:
@@ -116,7 +98,7 @@ def main() -> None:
             requantize_export(args.fp32, folders[name], change(recipe) if change else recipe)
     ids = encode_text(args.fp32, cpython_docs_text())[:args.tokens]
     quality = evaluate_ids(args.fp32, list(folders.values()), ids, threads=args.threads)
-    speed = _speed(folders, args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
+    speed = measure_speed(folders, args.threads, args.prompt_tokens, args.new_tokens, args.repeat)
     rows = {}
     print(f"{'choice':<14}{'top-1':>8}{'KL':>9}{'ppl ratio':>11}{'prefill t/s':>13}{'decode t/s':>12}")
     for (name, folder), scores in zip(folders.items(), quality.candidates):
