@@ -28,13 +28,28 @@ and testable against the graph.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 # Candidate scales, as factors on the round-to-nearest scale (searched per block).
 _SEARCH_FACTORS = np.linspace(0.80, 1.12, 17, dtype=np.float32)
-_COLUMNS_PER_STEP = 4096  # bounds temporaries: [4096 cols, K] float32 per step
+# Columns in flight at once, over all worker threads: bounds the temporaries ([cols, K] float32
+# each) whatever the thread count, so peak memory does not grow with the cores.
+_COLUMNS_IN_FLIGHT = 4096
+_MIN_COLUMNS_PER_STEP = 256
+
+
+def search_threads() -> int:
+    """Worker threads of the block search: the cores this process may use (numpy releases the GIL
+    in its array loops, and columns are independent, so the codes do not depend on this);
+    GEMMA_EXPORT_THREADS overrides."""
+    env = os.environ.get("GEMMA_EXPORT_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -206,16 +221,26 @@ def quantize(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool = Tru
     zps = np.empty((n, n_blocks), dtype=np.float32 if affine else np.uint8)
     fn = _quantize_symmetric if symmetric else _quantize_affine if affine else _quantize_asymmetric
     wts = block_weights(importance, k, block_size)[None]
-    err2 = norm2 = 0.0
-    for start in range(0, n, _COLUMNS_PER_STEP):
-        stop = min(n, start + _COLUMNS_PER_STEP)
+
+    def step(start: int) -> tuple[float, float]:
+        stop = min(n, start + per_step)
         x = _blocks(w_kn[:, start:stop], block_size)
         q, s, z = fn(x, bits, search, wts)
         codes[start:stop], scales[start:stop], zps[start:stop] = q, s, z
         d = ((q - z[..., None]) * s[..., None]).reshape(x.shape[0], -1)[:, :k]
         xk = x.reshape(x.shape[0], -1)[:, :k]
-        err2 += float(((xk - d) ** 2).sum(dtype=np.float64))
-        norm2 += float((xk * xk).sum(dtype=np.float64))
+        return float(((xk - d) ** 2).sum(dtype=np.float64)), float((xk * xk).sum(dtype=np.float64))
+
+    threads = search_threads()
+    per_step = max(_MIN_COLUMNS_PER_STEP, _COLUMNS_IN_FLIGHT // threads)
+    starts = range(0, n, per_step)
+    if threads == 1 or len(starts) == 1:
+        sums = [step(start) for start in starts]
+    else:  # each step writes its own columns; the sums are added in column order either way
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            sums = list(pool.map(step, starts))
+    err2 = sum(e for e, _ in sums)
+    norm2 = sum(m for _, m in sums)
     return BlockCodes(codes, scales, zps, bits, symmetric, k, (err2 / max(norm2, 1e-60)) ** 0.5)
 
 
