@@ -20,6 +20,10 @@ bench/int4_kernels.py):
     sum_b s_b x_b.(q_b - zp_b) = sum_b s_b x_b.(q_b - 8) + sum_b (sum x_b) s_b (8 - zp_b),  O = s (8 - zp)
 
 xs (the block sums of x) is computed once per input tensor and shared by the projections that read it.
+
+A weight whose packed B passes MAX_PART_BYTES (the LM head) is cut along N into column parts, each
+its own MatMulNBits (plus offsets), their outputs joined by a Concat on the last axis: onnxruntime
+prepacks one weight at a time, so its start-up peak then carries a part twice, not the whole head.
 """
 
 from __future__ import annotations
@@ -171,32 +175,47 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             err = codes.rel_error
             b, scales, zp = blockwise.pack(codes)
             k, n = wm.shape
-            offsets = None
-            if fmt.affine:  # symmetric codes (implicit zero point 8) + offsets O [n_blocks, N]
-                offsets = store.write(f"{stem}.block_offsets", _block_offsets(codes))
+            offsets = _block_offsets(codes) if fmt.affine else None  # symmetric codes (zero point 8) + O [n_blocks, N]
+            if fmt.affine:
                 zp = None
             del codes
-            tensors = [store.write(f"{stem}.weight_Q{fmt.bits}", b), store.write(f"{stem}.scales", scales)]
-            if zp is not None:
-                tensors.append(store.write(f"{stem}.zero_points", zp))
-            replaced[wm.weight] = tensors + ([offsets] if offsets is not None else [])
+            parts = _column_parts(n, b.nbytes)
+            written = []  # per part: (MatMulNBits inputs, offsets tensor or None)
+            for p, (a, e) in enumerate(parts):
+                name = stem if len(parts) == 1 else f"{stem}.part{p}"
+                tensors = [store.write(f"{name}.weight_Q{fmt.bits}", b[a:e]),
+                           store.write(f"{name}.scales", scales.reshape(n, -1)[a:e].reshape(-1))]
+                if zp is not None:
+                    tensors.append(store.write(f"{name}.zero_points", zp.reshape(n, -1)[a:e].reshape(-1)))
+                part_offsets = None if offsets is None else store.write(f"{name}.block_offsets", np.ascontiguousarray(offsets[:, a:e]))
+                written.append((tensors, part_offsets))
+            del b, scales, zp, offsets
+            replaced[wm.weight] = [t for tensors, o in written for t in tensors + ([o] if o is not None else [])]
             for i in wm.nodes:
                 old = graph.node[i]
-                attrs = dict(K=k, N=n, bits=fmt.bits, block_size=fmt.block_size)
-                if fmt.accuracy_level:
-                    attrs["accuracy_level"] = fmt.accuracy_level
-                y = old.output[0] if offsets is None else f"{old.output[0]}/symmetric"
-                node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
-                                        name=f"/{stem}/MatMulNBits", domain=MS_DOMAIN, **attrs)
-                node.metadata_props.extend(old.metadata_props)
-                new_nodes[i] = [node]
-                if offsets is not None:
-                    xs = block_sums.of(old.input[0], k, fmt.block_size)
-                    share = f"{old.output[0]}/offsets"
-                    new_nodes[i] += [
-                        helper.make_node("MatMul", [xs, offsets.name], [share], name=f"/{stem}/offsets/MatMul"),
-                        helper.make_node("Add", [y, share], [old.output[0]], name=f"/{stem}/offsets/Add"),
-                    ]
+                new_nodes[i] = []
+                outs = []
+                for p, ((a, e), (tensors, part_offsets)) in enumerate(zip(parts, written)):
+                    name = stem if len(parts) == 1 else f"{stem}.part{p}"
+                    out_p = old.output[0] if len(parts) == 1 else f"{old.output[0]}/part{p}"
+                    outs.append(out_p)
+                    attrs = dict(K=k, N=e - a, bits=fmt.bits, block_size=fmt.block_size)
+                    if fmt.accuracy_level:
+                        attrs["accuracy_level"] = fmt.accuracy_level
+                    y = out_p if part_offsets is None else f"{out_p}/symmetric"
+                    node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
+                                            name=f"/{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+                    node.metadata_props.extend(old.metadata_props)
+                    new_nodes[i].append(node)
+                    if part_offsets is not None:
+                        xs = block_sums.of(old.input[0], k, fmt.block_size)
+                        share = f"{out_p}/offsets"
+                        new_nodes[i] += [
+                            helper.make_node("MatMul", [xs, part_offsets.name], [share], name=f"/{name}/offsets/MatMul"),
+                            helper.make_node("Add", [y, share], [out_p], name=f"/{name}/offsets/Add"),
+                        ]
+                if len(parts) > 1:
+                    new_nodes[i].append(helper.make_node("Concat", outs, [old.output[0]], name=f"/{stem}/Concat", axis=-1))
         del w
         if report is not None:
             report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))
@@ -220,6 +239,20 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
     if any(n.domain == MS_DOMAIN for n in graph.node):
         _ensure_ms_opset(out)
     return out
+
+
+# The most bytes of packed weight one MatMulNBits holds. onnxruntime prepacks each weight at session
+# start while its original is still mapped, so the start-up peak carries one weight twice: on E2B
+# the int8 LM head (512 MiB) took the runtime's peak RSS from 2.78 to 3.28 GiB; cut along N into
+# parts of at most this size (joined by a Concat of their outputs) the peak is 2.84 GiB.
+MAX_PART_BYTES = 64 << 20
+
+
+def _column_parts(n: int, nbytes: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of output columns, each holding at most MAX_PART_BYTES of B."""
+    count = max(1, -(-nbytes // MAX_PART_BYTES))
+    step = -(-n // count)
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
 def _block_offsets(codes: blockwise.BlockCodes) -> np.ndarray:
