@@ -121,7 +121,7 @@ def test_matmulnbits_computes_the_dequantized_weight(bits, block, symmetric, sea
 
 @pytest.mark.parametrize("bits, symmetric, affine", [(8, True, False), (4, False, False), (4, False, True)])
 def test_a_large_weight_is_cut_into_column_parts(monkeypatch, bits, symmetric, affine):
-    """A weight past matmuls.MAX_PART_BYTES becomes several MatMulNBits over column ranges joined by
+    """A weight of matmuls.SPLIT_FROM_BYTES or more becomes several MatMulNBits over column ranges joined by
     a Concat (onnxruntime's start-up peak then holds one part twice, not the weight), and the graph
     computes what the uncut one does."""
     from gemma_export.passes import matmuls
@@ -132,12 +132,15 @@ def test_a_large_weight_is_cut_into_column_parts(monkeypatch, bits, symmetric, a
     fmt = WeightFormat(bits=bits, block_size=32, symmetric=symmetric, accuracy_level=0, scale_search=True, affine=affine)
     whole = quantize_matmuls(_one_matmul(w), _mlp_recipe(fmt), TensorStore())
     packed = n * (k // 32) * (32 * bits // 8)
+    monkeypatch.setattr(matmuls, "SPLIT_FROM_BYTES", packed)
     monkeypatch.setattr(matmuls, "MAX_PART_BYTES", packed // 4)  # 4 parts: 25 columns each
     cut = quantize_matmuls(_one_matmul(w), _mlp_recipe(fmt), TensorStore())
     nbits = [nd for nd in cut.graph.node if nd.op_type == "MatMulNBits"]
     assert [helper.get_attribute_value(a) for nd in nbits for a in nd.attribute if a.name == "N"] == [25, 25, 25, 25]
     assert cut.graph.node[-1].op_type == "Concat" and cut.graph.node[-1].output[0] == "y"
     assert max(numpy_helper.to_array(t).nbytes for t in cut.graph.initializer if "weight_Q" in t.name) <= packed // 4
+    monkeypatch.setattr(matmuls, "SPLIT_FROM_BYTES", packed + 1)  # below the threshold: whole
+    assert sum(nd.op_type == "MatMulNBits" for nd in quantize_matmuls(_one_matmul(w), _mlp_recipe(fmt), TensorStore()).graph.node) == 1
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
     (y_cut,) = _run(cut, {"x": x})
     (y_whole,) = _run(whole, {"x": x})
