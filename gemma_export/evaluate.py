@@ -123,7 +123,11 @@ class _Runner:
             self.per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
         self.cache = KVCache(m.caches)
         self.outputs = ["logits", *self.cache.output_names()]
-        self.extra = list(self.calibration_inputs)
+        # MatMul inputs to observe: fetched as outputs, except graph inputs (onnxruntime refuses
+        # those as outputs; Gemma 3n's AltUp and per-layer projections read inputs_embeds): from the feeds
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.extra = [n for n in self.calibration_inputs if n not in graph_inputs]
+        self.extra_fed = [n for n in self.calibration_inputs if n in graph_inputs]
         self.last_extra: dict[str, np.ndarray] = {}
         self.fixed_feeds: dict[str, np.ndarray] = {}
         self.seconds = 0.0
@@ -146,8 +150,9 @@ class _Runner:
             rows[0, :valid] = self.per_layer.lookup(ids).reshape(valid, pli.num_layers, pli.dim)
             feeds["per_layer_inputs"] = rows
         logits, *new_rows = self.session.run(self.outputs + self.extra, feeds)
-        if self.extra:
-            self.last_extra = dict(zip(self.extra, new_rows[len(self.outputs) - 1:]))
+        if self.extra or self.extra_fed:
+            self.last_extra = {**dict(zip(self.extra, new_rows[len(self.outputs) - 1:])),
+                               **{n: feeds[n] for n in self.extra_fed}}
             new_rows = new_rows[: len(self.outputs) - 1]
         for index in range(len(self.cache.specs)):
             self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
