@@ -10,10 +10,12 @@ blocks. Peak RSS should stay near a few copies of the largest tensor, not the mo
 
 Measured 2026-12-01, E2B-shaped random weights (float32 weights 18.52 GiB, largest tensor 2.00 GiB):
     int4  (this machine, 2 cores, niced beside other work): export peak RSS 4.04 GiB, 4.53 GiB on
-          disk (decoder.data 2.15, per_layer.bin 1.88, embed_tokens.bin 0.50), 2458 s; runtime
-          (--runtime: 128-token prompt + 32 decode steps, max context 4096) peak RSS 5.03 GiB.
+          disk (decoder.data 2.15, per_layer.bin 1.88, embed_tokens.bin 0.50), 2458 s (--rtn: 283 s);
+          runtime (bench/full_size_random.py, 128-token prompt + 32 decode steps, max context 4096)
+          peak RSS 3.35 GiB (5.03 before the int4 recipe's 8-bit tensors moved to accuracy level 4).
+    int8  (the lent 16-core machine, beside the fp32 run): peak RSS 4.13 GiB, 5.14 GiB on disk, 272 s.
     fp16  (the lent 16-core machine): export peak RSS 8.18 GiB, 14.02 GiB on disk, 207 s.
-    fp32 and int8 not measured yet (fp32 did not finish in the 190 s left on the lent machine).
+    fp32  (this machine, alone): peak RSS 3.35 GiB, 18.53 GiB on disk, 271 s.
 
 Each export runs in its own process (peak RSS from wait4, the same figure as /usr/bin/time -v).
 --runtime also loads each export with gemma_runtime in a child process (2 threads), feeds a
