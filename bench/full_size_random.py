@@ -12,8 +12,9 @@ Measured 2026-12-01 on the lent 16-core machine (E2B-shaped random weights, --rt
     decode: ours 10.14 tokens/s, eager transformers fp32 3.16 (3.21x); prefill 64.0 vs 56.9 (1.13x);
     peak RSS: ours 3.36 GiB (after load 2.79: 2.48 anonymous, the prepacked weights; 0.31 mapped),
     eager 42.1 GiB. Greedy agreement is not meaningful on random weights (near-flat logits).
-On this 2-core machine (--threads 2): ours 8.96 decode tokens/s, peak RSS 3.29 GiB before the LM
-head was cut into parts (passes/matmuls.py); 3.25 GiB after it (2.85 after load).
+On this 2-core machine (--threads 2): ours 8.07-8.96 decode tokens/s (2.15 GiB of weights a step:
+53% of the 15.3 tokens/s that 35.3 GB/s allows). Peak RSS 3.28 GiB right after load before the LM
+head was cut into 128 MiB parts (passes/matmuls.py), 2.85 after; 3.35 after 32 decode steps.
 
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
