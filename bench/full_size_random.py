@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gemma_export.bench.engines._child import peak_rss
+
 GIB = 1 << 30
 
 
@@ -48,7 +50,7 @@ def _memory() -> dict[str, float]:
 
 
 def _peak_rss() -> float:
-    return _memory()["VmHWM"]
+    return round(peak_rss() / GIB, 2)
 
 
 def _export(args, out: Path) -> dict:

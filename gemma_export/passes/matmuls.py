@@ -180,9 +180,9 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 zp = None
             del codes
             parts = _column_parts(n, b.nbytes)
+            names = [stem] if len(parts) == 1 else [f"{stem}.part{p}" for p in range(len(parts))]
             written = []  # per part: (MatMulNBits inputs, offsets tensor or None)
-            for p, (a, e) in enumerate(parts):
-                name = stem if len(parts) == 1 else f"{stem}.part{p}"
+            for name, (a, e) in zip(names, parts):
                 tensors = [store.write(f"{name}.weight_Q{fmt.bits}", b[a:e]),
                            store.write(f"{name}.scales", scales.reshape(n, -1)[a:e].reshape(-1))]
                 if zp is not None:
@@ -195,8 +195,7 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 old = graph.node[i]
                 new_nodes[i] = []
                 outs = []
-                for p, ((a, e), (tensors, part_offsets)) in enumerate(zip(parts, written)):
-                    name = stem if len(parts) == 1 else f"{stem}.part{p}"
+                for p, (name, (a, e), (tensors, part_offsets)) in enumerate(zip(names, parts, written)):
                     out_p = old.output[0] if len(parts) == 1 else f"{old.output[0]}/part{p}"
                     outs.append(out_p)
                     attrs = dict(K=k, N=e - a, bits=fmt.bits, block_size=fmt.block_size)
