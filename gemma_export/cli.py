@@ -62,10 +62,12 @@ def _export_parser() -> argparse.ArgumentParser:
 def _export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     from .package import write_export
+    from .passes.blockwise import search_threads
     from .plan import ExportRequest, make_plan
     from .progress import Progress
     from .recipes import RecipeOptions
 
+    search_threads()  # a bad GEMMA_EXPORT_THREADS fails now, not minutes into the export
     start = time.perf_counter()
     passes = None
     if args.graph_passes is not None:

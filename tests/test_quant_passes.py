@@ -147,6 +147,16 @@ def test_a_large_weight_is_cut_into_column_parts(monkeypatch, bits, symmetric, a
     np.testing.assert_allclose(y_cut, y_whole, rtol=0, atol=1e-6 * np.abs(y_whole).max())
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_a_bad_thread_count_is_refused_before_anything_is_written(monkeypatch, tmp_path, capsys, value):
+    from gemma_export.cli import main
+
+    monkeypatch.setenv("GEMMA_EXPORT_THREADS", value)
+    assert main(["--variant", "gemma3-270m", "--random-weights", "--quiet", str(tmp_path / "out")]) == 2
+    assert "GEMMA_EXPORT_THREADS" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scale_search_never_worse_than_round_to_nearest():
     rng = np.random.default_rng(1)
     w = rng.standard_t(4, size=(256, 64)).astype(np.float32)

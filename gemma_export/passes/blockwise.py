@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ExportError
+
 # Candidate scales, as factors on the round-to-nearest scale (searched per block).
 _SEARCH_FACTORS = np.linspace(0.80, 1.12, 17, dtype=np.float32)
 # Columns in flight at once, over all worker threads: bounds the temporaries ([cols, K] float32
@@ -48,7 +50,9 @@ def search_threads() -> int:
     GEMMA_EXPORT_THREADS overrides."""
     env = os.environ.get("GEMMA_EXPORT_THREADS")
     if env:
-        return max(1, int(env))
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ExportError(f"GEMMA_EXPORT_THREADS={env!r}: give a positive whole number of threads")
+        return int(env)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
