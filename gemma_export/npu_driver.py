@@ -1,6 +1,8 @@
 """Runs the static NPU decoder graphs (prefill T, decode 1) over a token sequence on the host: the
-KV cache (the runtime's KVCache), host inputs (npu_host.py) and padding, for any `run` callable
-(an onnxruntime session on the CPU or QNN provider, or a recorder of calibration feeds)."""
+KV cache (the runtime's KVCache), host inputs (the runtime's npu_inputs.py, from the spec the
+manifest records) and padding, for any `run` callable (an onnxruntime session on the CPU or QNN
+provider, or a recorder of calibration feeds). The exporter's loop, built from the Variant; the
+runtime's own (gemma_runtime/npu_decoder.py, built from the manifest) is tested against it."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from gemma_runtime.kv_cache import KVCache
+from gemma_runtime.npu_inputs import host_inputs
 
-from .npu_host import host_inputs
+from .model.npu_text import npu_inputs_spec
 from .package import _caches
 from .variants import Variant
 
@@ -22,6 +25,7 @@ class NpuDriver:
                  per_layer: Callable[[np.ndarray], np.ndarray] | None = None):
         self.variant, self.max_context, self.chunk = variant, max_context, chunk
         self.embed, self.per_layer = embed, per_layer
+        self.inputs = npu_inputs_spec(variant, max_context)
         self.cache = KVCache(_caches(variant, max_context))
 
     def feeds(self, ids: Sequence[int], position: int, chunk: int) -> dict[str, np.ndarray]:
@@ -34,7 +38,7 @@ class NpuDriver:
             rows = np.zeros((1, chunk, v.num_layers, v.gemma3n.per_layer_dim), dtype=np.float32)
             rows[0, :valid] = self.per_layer(ids).reshape(valid, v.num_layers, v.gemma3n.per_layer_dim)
             feeds["per_layer_inputs"] = rows
-        feeds.update(host_inputs(v, self.max_context, position, valid, chunk))
+        feeds.update(host_inputs(self.inputs, position, valid, chunk))
         feeds.update({k: a.copy() for k, a in self.cache.feeds().items()})
         return feeds
 

@@ -10,8 +10,10 @@ QDQ-quantized, beside the same host tables and tokenizer files as a CPU export.
          QNN shares them between the two graphs only through its own EP-context files)
 
 The graphs take host-computed rope tables, additive masks and a one-hot of the last valid row
-(model/npu_text.py); the runtime side of that contract is npu_host.py (for now in the exporter:
-gemma-run does not yet load prefill/decode exports, see the manifest's provenance "npu_inputs").
+(model/npu_text.py); the manifest's `npu_inputs` records what the host needs to compute them
+(rope theta and linear factor per layer kind, cache lengths, sliding window, mask value, input
+names), and the runtime computes them with gemma_runtime/npu_inputs.py (gemma_runtime/npu_decoder.py
+runs the two graphs), which this exporter's calibration runs use too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from gemma_runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Man
 from .errors import ExportError
 from .graphs import output_names, save_with_external_data
 from .host_tables import write_host_tables
-from .model.npu_text import npu_input_names
+from .model.npu_text import npu_input_names, npu_inputs_spec
 from .npu_driver import NpuDriver
 from .npu_graphs import export_npu_decoder
 from .package import (
@@ -134,6 +136,7 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
                 data = f"{file}.data" if (staging / f"{file}.data").is_file() else None
                 graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False), data)
         expected = npu_input_names(variant)
+        npu_inputs = npu_inputs_spec(variant, plan.max_context)
         for graph, spec in graphs.items():
             if [t.name for t in spec.inputs] != expected or [t.name for t in spec.outputs] != output_names(variant):
                 raise ExportError(f"{graph}: the quantized graph's inputs/outputs differ from the NPU contract")
@@ -144,9 +147,6 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
             "name": plan.quant, "format": "qdq", "weights": "int8 per output channel, symmetric",
             "activations": target.activations, "calibration": _calibration_note(staging),
         }
-        provenance["npu_inputs"] = ("host-computed: cos.K/sin.K rope tables [T,d], additive masks mask_past.K [T,S] and "
-                                    "mask_new.K [T,T] (0 or -100), last [1,1,T] one-hot of the last valid row; "
-                                    "K in sliding/global (gemma_export/model/npu_text.py, npu_host.py)")
         g = variant.gemma3n
         manifest = Manifest(
             format_version=FORMAT_VERSION, family=variant.family, variant=variant.name, architecture=variant.architecture,
@@ -155,7 +155,7 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
             graphs=graphs, kv_layout="past_and_new_blocks", caches=_caches(variant, plan.max_context), tables=tables,
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
             tokens=_token_ids(variant, plan.aux_files), files=files, provenance=provenance,
-            tokenizer_files=tuple(tokenizer_files), providers=target.providers,
+            tokenizer_files=tuple(tokenizer_files), providers=target.providers, npu_inputs=npu_inputs,
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)

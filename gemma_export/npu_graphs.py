@@ -14,9 +14,8 @@ import onnx
 import torch
 
 from .graphs import output_names
-from .model.npu_text import NpuDecoder, layer_kinds, npu_input_names
+from .model.npu_text import NpuDecoder, npu_input_names, npu_inputs_spec
 from .model.text import TextDecoder
-from .npu_host import _mask_length
 from .variants import Variant
 
 NPU_OPSET = 21
@@ -26,10 +25,10 @@ def npu_example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[
     args = [torch.zeros(1, chunk, variant.hidden_size)]
     if variant.gemma3n:
         args.append(torch.zeros(1, chunk, variant.num_layers, variant.gemma3n.per_layer_dim))
-    kinds = layer_kinds(variant)
+    kinds = npu_inputs_spec(variant, max_context).kinds
     args += [torch.zeros(chunk, variant.head_dim) for _ in kinds for _ in range(2)]
-    for t in kinds:
-        args += [torch.zeros(chunk, _mask_length(variant, t, max_context)), torch.zeros(chunk, chunk)]
+    for kind in kinds:
+        args += [torch.zeros(chunk, kind.mask_length), torch.zeros(chunk, chunk)]
     args.append(torch.zeros(1, 1, chunk))
     for layer in variant.cache_layers:
         shape = (1, variant.num_kv_heads, variant.cache_length(layer, max_context), variant.head_dim)

@@ -30,10 +30,17 @@ def activation(name: str):
     return {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}[name]
 
 
+def rope_inv_freq(variant: Variant, layer_type: str) -> torch.Tensor:
+    """1 / theta^(2i / head_dim), [head_dim / 2] float32, as Hugging Face computes it (torch's float32
+    pow, which differs from a correctly rounded one in the last bit of a few entries: NPU manifests
+    record these values, so the runtime's host angles are these bits too)."""
+    dim = variant.head_dim
+    return 1.0 / (variant.rope_theta[layer_type] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
 def rope_tables(variant: Variant, layer_type: str, positions: torch.Tensor):
     """cos, sin [T, head_dim] for absolute `positions` [T] (float)."""
-    dim = variant.head_dim
-    inv_freq = 1.0 / (variant.rope_theta[layer_type] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = rope_inv_freq(variant, layer_type)
     freqs = (positions / variant.rope_linear_factor[layer_type])[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -3,7 +3,9 @@
 The same layers and weights as model/text.py's TextDecoder; only the inputs around them differ.
 Everything the CPU graph derives from `position` and `valid` with Range/Mod/comparisons/Where
 (rope angles, the causal and sliding-window masks, the pick of the last valid row) comes from
-the host instead (npu_host.py computes it with text.py's own functions):
+the host instead (the runtime's gemma_runtime/npu_inputs.py computes it, from the manifest's
+`npu_inputs` that npu_inputs_spec writes; tests/test_runtime_npu.py holds it equal to layers.py's
+rope_tables and attention_masks, the functions of the CPU graph):
 
     inputs_embeds [1,T,H], per_layer_inputs [1,T,L,P] (Gemma 3n)
     cos.K, sin.K      [T,d]   rope tables of the chunk's positions, per layer kind K
@@ -21,9 +23,11 @@ in float32 (and a uint16 scale over [MASK_VALUE, max score] keeps steps ~0.002).
 from __future__ import annotations
 
 import torch
+from gemma_runtime.manifest import NpuAttentionKind, NpuInputs
 from torch import nn
 
 from ..variants import FULL, SLIDING, Variant
+from .layers import rope_inv_freq
 from .text import TextDecoder
 
 MASK_VALUE = -100.0
@@ -33,6 +37,25 @@ KINDS = {SLIDING: "sliding", FULL: "global"}
 def layer_kinds(variant: Variant) -> list[str]:
     """The layer types of this variant, in a fixed order (one rope table and mask pair each)."""
     return [t for t in (SLIDING, FULL) if t in variant.layer_types]
+
+
+def npu_inputs_spec(variant: Variant, max_context: int) -> NpuInputs:
+    """What the host needs to compute the graphs' rope tables and masks (the manifest's
+    `npu_inputs`): per layer kind its rope theta, inverse frequencies (layers.py's, bit for bit)
+    and linear factor, its caches' length and its sliding window (None where the kind attends
+    globally, as attention_masks decides)."""
+    kinds = []
+    for t in layer_kinds(variant):
+        layer = next(i for i in variant.cache_layers if variant.layer_types[i] == t)
+        name = KINDS[t]
+        kinds.append(NpuAttentionKind(
+            name=name, rope_theta=float(variant.rope_theta[t]), rope_linear_factor=float(variant.rope_linear_factor[t]),
+            inv_freq=tuple(float(f) for f in rope_inv_freq(variant, t)),
+            mask_length=variant.cache_length(layer, max_context),
+            window=variant.sliding_window if t == SLIDING else None,
+            cos=f"cos.{name}", sin=f"sin.{name}", mask_past=f"mask_past.{name}", mask_new=f"mask_new.{name}",
+        ))
+    return NpuInputs(head_dim=variant.head_dim, mask_value=MASK_VALUE, kinds=tuple(kinds))
 
 
 def npu_input_names(variant: Variant) -> list[str]:

@@ -71,10 +71,15 @@ class HostTable:
 class CacheSpec:
     """One KV buffer pair the runtime owns, for the layer `layer` that produces it.
 
-    kind "global": `length` = max context, slot = absolute position.
-    kind "sliding": `length` = sliding window, a ring, slot = position mod length.
-    The graph takes `past_key`/`past_value` [1, kv_heads, length, head_dim] and returns
-    the chunk's rows as `new_key`/`new_value` [1, kv_heads, T, head_dim].
+    kv_layout "past_and_new_blocks":
+      kind "global": `length` = max context, slot = absolute position.
+      kind "sliding": `length` = sliding window, a ring, slot = position mod length.
+      The graph takes `past_key`/`past_value` [1, kv_heads, length, head_dim] and returns
+      the chunk's rows as `new_key`/`new_value` [1, kv_heads, T, head_dim].
+    kv_layout "shared_buffer" (onnxruntime's GroupQueryAttention): every buffer is linear,
+      `length` = max context, slot = absolute position (the op hides keys beyond a sliding
+      window); `new_key`/`new_value` name the op's present outputs, the whole buffer, which
+      the runtime binds to the `past_key`/`past_value` memory: the graph writes its rows there.
     """
 
     layer: int
@@ -112,6 +117,44 @@ class TokenIds:
 
 
 @dataclass(frozen=True)
+class NpuAttentionKind:
+    """One attention kind ("sliding" | "global") of the static NPU decoder graphs: what the host
+    needs to compute that kind's rope tables and additive masks (npu_inputs.py).
+
+    rope: angles of position p = (p / rope_linear_factor) * inv_freq, in float32, with
+    inv_freq = 1 / rope_theta ** (arange(0, head_dim, 2) / head_dim) as the exporter computed it
+    (float32; recorded because float32 pow implementations differ in the last bit of a few
+    entries, which large positions magnify). Masks: mask_past [T, mask_length] over that kind's
+    cache (window None: a global cache, slot s holds position s; else a ring of mask_length slots,
+    slot = position mod mask_length, and keys more than window - 1 positions back are hidden),
+    mask_new [T, T] over the chunk's own rows (causal, and the window)."""
+
+    name: str  # the suffix of its graph inputs: cos.NAME, sin.NAME, mask_past.NAME, mask_new.NAME
+    rope_theta: float
+    rope_linear_factor: float  # 1.0 = no scaling
+    inv_freq: tuple[float, ...]  # [head_dim / 2], float32 values
+    mask_length: int  # S of mask_past: the length of this kind's caches
+    window: int | None  # the sliding window; None for global attention
+    cos: str
+    sin: str
+    mask_past: str
+    mask_new: str
+
+
+@dataclass(frozen=True)
+class NpuInputs:
+    """The host-computed inputs of static NPU decoder graphs (targets with static shapes: prefill
+    with T = prefill_chunk, decode with T = 1), besides embeddings and caches:
+    cos/sin [T, head_dim] and the additive masks (0 = may attend, mask_value = not) per attention
+    kind in `kinds` order, and `last` [1, 1, T], the one-hot of the last valid row."""
+
+    head_dim: int
+    mask_value: float
+    kinds: tuple[NpuAttentionKind, ...]
+    last: str = "last"
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     family: str  # "gemma", "gemma3", "gemma3n"
@@ -127,7 +170,9 @@ class Manifest:
     # The decoder graph's chunk dimension is symbolic ("T"): the runtime runs it with
     # T = prefill_chunk for prefill and T = 1 for decode (one session, one copy of the weights).
     graphs: dict[str, GraphSpec]
-    kv_layout: str  # "past_and_new_blocks": graph returns only new rows, runtime writes them
+    # "past_and_new_blocks": graph returns only new rows, runtime writes them; "shared_buffer":
+    # the graph updates the runtime's buffers in place (CacheSpec)
+    kv_layout: str
     caches: tuple[CacheSpec, ...]
     tables: dict[str, HostTable]  # "embed_tokens" always, "per_layer" for Gemma 3n
     per_layer_inputs: PerLayerInputs | None
@@ -138,9 +183,15 @@ class Manifest:
     # the target's execution providers (--provider names), most preferred first: the runtime's
     # default is the first one this onnxruntime has; empty in exports made before targets existed
     providers: tuple[str, ...] = ()
+    # static NPU exports (graphs "prefill" and "decode", no "decoder"): their host inputs; absent
+    # from the JSON of every other export
+    npu_inputs: NpuInputs | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+        raw = dataclasses.asdict(self)
+        if raw["npu_inputs"] is None:
+            del raw["npu_inputs"]  # CPU/GPU manifests stay as runtimes before NPU exports read them
+        return json.dumps(raw, indent=2, sort_keys=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
@@ -164,6 +215,7 @@ class Manifest:
                     "tokens": TokenIds(**{**raw["tokens"], "stop": tuple(raw["tokens"]["stop"])}),
                     "tokenizer_files": tuple(raw.get("tokenizer_files", ())),
                     "providers": tuple(raw.get("providers", ())),
+                    "npu_inputs": _npu_inputs(raw["npu_inputs"]) if raw.get("npu_inputs") else None,
                 }
             )
         except (KeyError, TypeError) as err:
@@ -181,6 +233,11 @@ def _graph(raw: dict[str, Any]) -> GraphSpec:
         inputs=tuple(_tensor(t) for t in raw["inputs"]),
         outputs=tuple(_tensor(t) for t in raw["outputs"]),
     )
+
+
+def _npu_inputs(raw: dict[str, Any]) -> NpuInputs:
+    kinds = tuple(NpuAttentionKind(**{**k, "inv_freq": tuple(k["inv_freq"])}) for k in raw["kinds"])
+    return NpuInputs(**{**raw, "kinds": kinds})
 
 
 def _table(raw: dict[str, Any]) -> HostTable:
