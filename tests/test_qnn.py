@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import MAX_CONTEXT, PREFILL_CHUNK
+import npu_exports
+from conftest import PREFILL_CHUNK
 from gemma_export.check import check_export
 from gemma_export.checkpoint import open_checkpoint
 from gemma_export.npu_driver import NpuDriver
@@ -77,23 +78,9 @@ def _run(folder, checkpoint, provider: str, prompt, continuation) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def npu_export(tiny, tmp_path_factory):
-    """family -> (export folder, folder of its float prefill/decode graphs), one export each."""
-    made = {}
-
-    def get(family):
-        if family not in made:
-            from gemma_export.npu_export import write_npu_export
-            from gemma_export.plan import ExportRequest, make_plan
-            from gemma_export.progress import Progress
-
-            root = tmp_path_factory.mktemp("npu")
-            plan = make_plan(ExportRequest(checkpoint=str(tiny.checkpoint(family)), target="qnn-htp",
-                                           max_context=MAX_CONTEXT, prefill_chunk=PREFILL_CHUNK))
-            write_npu_export(plan, root / "out", Progress(enabled=False), keep_float=root / "float")
-            made[family] = root / "out", root / "float"
-        return made[family]
-
-    return get
+    """family -> (export folder, folder of its float prefill/decode graphs): tests/npu_exports.py's,
+    shared with tests/test_runtime_npu.py."""
+    return lambda family: npu_exports.npu_export(tiny, tmp_path_factory, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,6 +18,7 @@ import gemma_runtime.kv_cache, gemma_runtime.detokenize, gemma_runtime.sampling
 import gemma_runtime.chat_template, gemma_runtime.prompt_cache, gemma_runtime.providers
 import gemma_runtime.session_cache, gemma_runtime.stop_strings, gemma_runtime.generation_config
 import gemma_runtime.multimodal, gemma_runtime.image_processing, gemma_runtime.audio_features
+import gemma_runtime.npu_inputs, gemma_runtime.npu_decoder
 import numpy as np
 from PIL import Image
 import soundfile

@@ -17,6 +17,7 @@ import warnings
 
 from .errors import ContextLengthError, GemmaRuntimeError, TokenizerMissingError
 from .model import GenerationStats, Model
+from .npu_decoder import load_model
 from .providers import PROVIDERS
 from .sampling import SamplingConfig
 
@@ -147,11 +148,12 @@ def _chat(model: Model, args, sampling: dict) -> None:
 
 
 def _load(args) -> Model:
-    """Model.load, its warnings printed as one line each (not Python's two-line format)."""
+    """Model.load (NpuModel.load for the static graphs of an NPU export), its warnings printed as
+    one line each (not Python's two-line format)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)  # the runtime's own; others keep their filters
         try:
-            return Model.load(args.out, provider=args.provider, threads=args.threads, graph_cache=args.graph_cache)
+            return load_model(args.out, provider=args.provider, threads=args.threads, graph_cache=args.graph_cache)
         finally:
             for w in caught:
                 print(f"gemma-run: warning: {' '.join(str(w.message).split())}", file=sys.stderr, flush=True)

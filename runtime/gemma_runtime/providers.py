@@ -96,10 +96,12 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
             f"(onnxruntime {ort.__version__}; available: {', '.join(available)})"
         )
     if not is_available(provider):
+        # a plugin EP library installs beside onnxruntime; other builds replace it
+        how = (f"pip install {provider.package}" if provider.plugin is not None
+               else f"pip uninstall onnxruntime && pip install {provider.package.split()[0]}")
         raise ProviderError(
             f"execution provider {provider.name!r} ({provider.ort_name}) is not in the installed onnxruntime "
-            f"{ort.__version__} (available: {', '.join(available)}); install {provider.package} "
-            f"(pip uninstall onnxruntime && pip install {provider.package.split()[0]})"
+            f"{ort.__version__} (available: {', '.join(available)}); install {provider.package} ({how})"
         )
     return provider.ort_name
 
