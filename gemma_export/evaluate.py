@@ -122,6 +122,9 @@ class _Runner:
         if m.per_layer_inputs is not None:
             self.per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
         self.cache = KVCache(m.caches)
+        # "shared_buffer": the graph returns whole updated buffers, and takes no padding (its
+        # GroupQueryAttention would write padding rows into them); chunks run at their own length
+        self.in_place = m.kv_layout == "shared_buffer"
         self.outputs = ["logits", *self.cache.output_names()]
         # MatMul inputs to observe: fetched as outputs, except graph inputs (onnxruntime refuses
         # those as outputs; Gemma 3n's AltUp and per-layer projections read inputs_embeds): from the feeds
@@ -140,6 +143,7 @@ class _Runner:
         """Logits [len(ids), V] of a chunk starting at `position`; its KV rows are stored."""
         start = time.perf_counter()
         valid, m = int(ids.size), self.manifest
+        chunk = valid if self.in_place else chunk
         embeds = np.zeros((1, chunk, m.hidden_size), dtype=np.float32)
         embeds[0, :valid] = self.embed.lookup(ids)
         feeds = {"inputs_embeds": embeds, "position": np.array([position], dtype=np.int64),
@@ -155,7 +159,11 @@ class _Runner:
                                **{n: feeds[n] for n in self.extra_fed}}
             new_rows = new_rows[: len(self.outputs) - 1]
         for index in range(len(self.cache.specs)):
-            self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
+            if self.in_place:
+                np.copyto(self.cache.keys[index], new_rows[2 * index])
+                np.copyto(self.cache.values[index], new_rows[2 * index + 1])
+            else:
+                self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
         self.seconds += time.perf_counter() - start
         return logits[:valid]
 

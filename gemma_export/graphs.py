@@ -14,20 +14,34 @@ import onnx
 import torch
 from torch import nn
 
-from .model.text import TextDecoder
+from .model.gqa import CUSTOM_TRANSLATION
+from .model.text import GROUP_QUERY, TWO_BLOCK, TextDecoder
 from .variants import Variant
 
 OPSET = 18
 CHUNK_DIM = "T"
 
 
-def cache_names(layer: int) -> dict[str, str]:
+# manifest kv_layout per attention form (DESIGN.md, KV cache)
+KV_LAYOUTS = {TWO_BLOCK: "past_and_new_blocks", GROUP_QUERY: "shared_buffer"}
+
+
+def cache_names(layer: int, attention: str = TWO_BLOCK) -> dict[str, str]:
+    """Graph names of a cache layer's tensors. The new_key/new_value entries name the outputs:
+    the chunk's rows (two-block), or the whole updated buffer (group-query's present)."""
+    out = "present" if attention == GROUP_QUERY else "new"
     return {
         "past_key": f"past_key.{layer}",
         "past_value": f"past_value.{layer}",
-        "new_key": f"new_key.{layer}",
-        "new_value": f"new_value.{layer}",
+        "new_key": f"{out}_key.{layer}",
+        "new_value": f"{out}_value.{layer}",
     }
+
+
+def cache_length(variant: Variant, layer: int, max_context: int, attention: str = TWO_BLOCK) -> int:
+    """Positions of a layer's cache buffer: a sliding layer's is a ring of the window (two-block)
+    or the whole context (group-query: the op masks the window, its buffer is linear)."""
+    return max_context if attention == GROUP_QUERY else variant.cache_length(layer, max_context)
 
 
 def input_names(variant: Variant) -> list[str]:
@@ -37,10 +51,10 @@ def input_names(variant: Variant) -> list[str]:
     return names
 
 
-def output_names(variant: Variant) -> list[str]:
+def output_names(variant: Variant, attention: str = TWO_BLOCK) -> list[str]:
     names = ["logits"]
     for layer in variant.cache_layers:
-        names += [cache_names(layer)["new_key"], cache_names(layer)["new_value"]]
+        names += [cache_names(layer, attention)["new_key"], cache_names(layer, attention)["new_value"]]
     return names
 
 
@@ -61,14 +75,14 @@ class _DecoderGraph(nn.Module):
         return (logits, *new_rows)
 
 
-def example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[torch.Tensor, ...]:
+def example_inputs(variant: Variant, max_context: int, chunk: int, attention: str = TWO_BLOCK) -> tuple[torch.Tensor, ...]:
     """Inputs of the graph's shapes (zeros); `chunk` is the example value of T."""
     args = [torch.zeros(1, chunk, variant.hidden_size)]
     if variant.gemma3n:
         args.append(torch.zeros(1, chunk, variant.num_layers, variant.gemma3n.per_layer_dim))
     args += [torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)]
     for layer in variant.cache_layers:
-        shape = (1, variant.num_kv_heads, variant.cache_length(layer, max_context), variant.head_dim)
+        shape = (1, variant.num_kv_heads, cache_length(variant, layer, max_context, attention), variant.head_dim)
         args += [torch.zeros(shape), torch.zeros(shape)]
     return tuple(args)
 
@@ -86,8 +100,8 @@ def export_decoder(decoder: TextDecoder, max_context: int, prefill_chunk: int) -
 def export_program(decoder: TextDecoder, max_context: int, prefill_chunk: int) -> torch.onnx.ONNXProgram:
     """torch.onnx.export (dynamo) of the decoder, not yet optimized: stream_export.py swaps its
     weights for lazy ones before the optimizer runs (`program.optimize()`, as optimize=True does)."""
-    variant = decoder.variant
-    args = example_inputs(variant, max_context, chunk=min(prefill_chunk, 4) if prefill_chunk > 1 else 2)
+    variant, attention = decoder.variant, decoder.attention
+    args = example_inputs(variant, max_context, min(prefill_chunk, 4) if prefill_chunk > 1 else 2, attention)
     chunk = torch.export.Dim(CHUNK_DIM, min=1, max=max(prefill_chunk, 2))
     dynamic = [{1: chunk}] + ([{1: chunk}] if variant.gemma3n else []) + [None] * (len(args) - 1 - bool(variant.gemma3n))
     with warnings.catch_warnings(), torch.no_grad():
@@ -96,8 +110,9 @@ def export_program(decoder: TextDecoder, max_context: int, prefill_chunk: int) -
             _DecoderGraph(decoder),
             args,
             input_names=input_names(variant),
-            output_names=output_names(variant),
+            output_names=output_names(variant, attention),
             dynamic_shapes=(tuple(dynamic),),  # one entry: forward takes *args
+            custom_translation_table=CUSTOM_TRANSLATION,
             opset_version=OPSET,
             dynamo=True,
             optimize=False,

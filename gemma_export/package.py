@@ -32,7 +32,8 @@ from gemma_runtime.manifest import (
 
 from . import __version__
 from .errors import ExportError
-from .graphs import OPSET, cache_names, input_names, output_names
+from .graphs import KV_LAYOUTS, OPSET, cache_length, cache_names, input_names, output_names
+from .model.text import GROUP_QUERY, TWO_BLOCK, supports_group_query
 from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
 from .recipes import Recipe, fp32
@@ -83,7 +84,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _graph_spec(variant: Variant, plan: ExportPlan) -> GraphSpec:
+def export_attention(plan: ExportPlan) -> str:
+    """The attention form of the decoder graph: the target's, where the family allows it
+    (GroupQueryAttention cannot serve Gemma 3n's KV-shared layers: those keep two-block), and not
+    under `--graph-passes none`, which asks for a standard-ONNX graph (the op is a contrib op)."""
+    wanted = load_target(plan.target).attention
+    if wanted == TWO_BLOCK or not supports_group_query(plan.variant) or not _graph_passes(plan):
+        return TWO_BLOCK
+    return wanted
+
+
+def _graph_spec(variant: Variant, plan: ExportPlan, attention: str) -> GraphSpec:
     h, T = variant.hidden_size, "T"
     inputs = [TensorSpec("inputs_embeds", "float32", (1, T, h))]
     if variant.gemma3n:
@@ -91,21 +102,22 @@ def _graph_spec(variant: Variant, plan: ExportPlan) -> GraphSpec:
     inputs += [TensorSpec("position", "int64", (1,)), TensorSpec("valid", "int64", (1,))]
     outputs = [TensorSpec("logits", "float32", (1, variant.vocab_size))]
     for layer in variant.cache_layers:
-        names = cache_names(layer)
-        past = (1, variant.num_kv_heads, variant.cache_length(layer, plan.max_context), variant.head_dim)
-        new = (1, variant.num_kv_heads, T, variant.head_dim)
+        names = cache_names(layer, attention)
+        past = (1, variant.num_kv_heads, cache_length(variant, layer, plan.max_context, attention), variant.head_dim)
+        # two-block: the chunk's new rows; group-query: the whole buffer (present = past, in place)
+        new = past if attention == GROUP_QUERY else (1, variant.num_kv_heads, T, variant.head_dim)
         inputs += [TensorSpec(names["past_key"], "float32", past), TensorSpec(names["past_value"], "float32", past)]
         outputs += [TensorSpec(names["new_key"], "float32", new), TensorSpec(names["new_value"], "float32", new)]
-    assert [t.name for t in inputs] == input_names(variant) and [t.name for t in outputs] == output_names(variant)
+    assert [t.name for t in inputs] == input_names(variant) and [t.name for t in outputs] == output_names(variant, attention)
     return GraphSpec(file=DECODER_GRAPH, data_file=DECODER_DATA, inputs=tuple(inputs), outputs=tuple(outputs))
 
 
-def _caches(variant: Variant, max_context: int) -> tuple[CacheSpec, ...]:
+def _caches(variant: Variant, max_context: int, attention: str = TWO_BLOCK) -> tuple[CacheSpec, ...]:
     specs = []
     for layer in variant.cache_layers:
         kind = "sliding" if variant.layer_types[layer] == SLIDING and variant.sliding_window else "global"
-        specs.append(CacheSpec(layer=layer, kind=kind, length=variant.cache_length(layer, max_context),
-                               kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, **cache_names(layer)))
+        specs.append(CacheSpec(layer=layer, kind=kind, length=cache_length(variant, layer, max_context, attention),
+                               kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, **cache_names(layer, attention)))
     return tuple(specs)
 
 
@@ -214,13 +226,13 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             return _write_calibrated_export(plan, out, progress)
         # no tokenizer (random weights): nothing to calibrate on; the manifest's recipe says so
         plan = dataclasses.replace(plan, recipe=dataclasses.replace(plan.recipe, calibration=None))
-    variant = plan.variant
+    variant, attention = plan.variant, export_attention(plan)
     check_resources(variant, out.parent, plan.recipe, plan.encoders)
     with _staging_folder(out) as staging:
         # the graph is exported with no weight loaded; each weight is then read, (quantized,) written
         # and dropped in turn (stream_export.py): the float model is never held, not even once
         with progress.step("exporting the decoder graph (torch.onnx, dynamo)"):
-            streamed = export_streamed(variant, plan.max_context, plan.prefill_chunk, plan.tensors)
+            streamed = export_streamed(variant, plan.max_context, plan.prefill_chunk, plan.tensors, attention)
         progress.expect_weights(len(streamed.weights))
         with progress.step(f"writing {DECODER_GRAPH} + {DECODER_DATA} (recipe {plan.recipe.name}), a weight at a time"):
             report = write_decoder(streamed, staging, DECODER_GRAPH, DECODER_DATA, plan.recipe, progress.tick_weight)
@@ -253,9 +265,9 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             prefill_chunk=plan.prefill_chunk,
             max_context=plan.max_context,
             sliding_window=variant.sliding_window,
-            graphs={"decoder": _graph_spec(variant, plan), **encoder_graphs},
-            kv_layout="past_and_new_blocks",
-            caches=_caches(variant, plan.max_context),
+            graphs={"decoder": _graph_spec(variant, plan, attention), **encoder_graphs},
+            kv_layout=KV_LAYOUTS[attention],
+            caches=_caches(variant, plan.max_context, attention),
             tables=tables,
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
             tokens=_token_ids(variant, plan.aux_files, plan.encoders),

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .graphs import export_program, name_chunk_dim
+from .model.text import TWO_BLOCK
 from .passes.matmuls import TensorReport, quantize_matmuls, relocate_initializers
 from .passes.store import TensorStore
 from .recipes import Recipe
@@ -112,9 +113,10 @@ def _detach_lazy(model: ir.Model, makers: dict[str, Maker]) -> dict[str, Maker]:
     return out
 
 
-def export_streamed(variant: Variant, max_context: int, prefill_chunk: int, tensors) -> StreamedDecoder:
+def export_streamed(variant: Variant, max_context: int, prefill_chunk: int, tensors,
+                    attention: str = TWO_BLOCK) -> StreamedDecoder:
     """The decoder graph of `variant` with its weights left in `tensors` (a TensorSource)."""
-    model, sources = decoder_sources(variant, max_context, tensors)
+    model, sources = decoder_sources(variant, max_context, tensors, attention)
     for name, param in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model

@@ -22,6 +22,7 @@ ACTIVATION_DTYPES = ("none", "uint8", "uint16")
 GRAPHS = ("decoder", "prefill", "decode", "vision", "audio")
 OVERRIDABLE = ("quant", "max_context", "prefill_chunk")
 OP_DOMAINS = ("", "com.microsoft")
+ATTENTIONS = ("two-block", "group-query")  # model/text.py's; spelled here so targets load without torch
 # bits a weight format can store: float16/32 storage, MatMulNBits 4/8, QDQ int4/int8
 FORMAT_BITS = {"float": (16, 32), "matmulnbits": (4, 8), "qdq": (4, 8)}
 
@@ -66,6 +67,9 @@ class Target:
     max_context: int
     overridable: tuple[str, ...]
     ops: OpSet
+    # the decoder's attention (model/text.py ATTENTIONS): "two-block" (standard ops, runtime-written
+    # cache rows) or "group-query" (onnxruntime's GroupQueryAttention, cache updated in place)
+    attention: str = "two-block"
 
     @property
     def decoder_graphs(self) -> tuple[str, ...]:
@@ -112,14 +116,14 @@ def _folder():
 # ---- parsing and checks -----------------------------------------------------------------------
 
 _TOP = {"description": str, "providers": list, "graphs": list, "static_shapes": bool, "passes": list,
-        "weights": dict, "activations": dict, "shapes": dict, "ops": dict}
+        "attention": str, "weights": dict, "activations": dict, "shapes": dict, "ops": dict}
 _SECTIONS = {
     "weights": {"format": str, "bits": list, "quant": str, "quants": list},
     "activations": {"dtype": str},
     "shapes": {"prefill_chunk": int, "max_context": int, "overridable": list},
     "ops": {"domains": list, "standard": list, "contrib": list},
 }
-_OPTIONAL = {("ops", "standard"), ("ops", "contrib")}
+_OPTIONAL = {("ops", "standard"), ("ops", "contrib"), (None, "attention")}
 
 
 def _fields(where: str, raw: dict, spec: dict, section: str | None = None) -> None:
@@ -187,6 +191,12 @@ def parse_target(name: str, raw: dict) -> Target:
         raise ExportError(f"{where}: ops.domains must include the standard domain \"\"")
     if "contrib" in o and "com.microsoft" not in domains:
         raise ExportError(f"{where}: ops.contrib lists contrib ops but domains lacks \"com.microsoft\"")
+    attention = raw.get("attention", "two-block")
+    _choices(where, "attention", [attention], ATTENTIONS)
+    if attention != "two-block" and (static or "com.microsoft" not in domains
+                                     or ("contrib" in o and "GroupQueryAttention" not in o["contrib"])):
+        raise ExportError(f"{where}: attention {attention!r} is onnxruntime's GroupQueryAttention: it needs a "
+                          "symbolic-chunk graph and a provider that takes that contrib op")
     passes = _check_passes(where, raw["passes"])
     if passes and "com.microsoft" not in domains:
         raise ExportError(f"{where}: passes {list(passes)} write contrib ops, which this target's provider does not take")
@@ -197,6 +207,7 @@ def parse_target(name: str, raw: dict) -> Target:
         overridable=_choices(where, "shapes.overridable", s["overridable"], OVERRIDABLE),
         ops=OpSet(domains, tuple(o["standard"]) if "standard" in o else None,
                   tuple(o["contrib"]) if "contrib" in o else None),
+        attention=attention,
     )
 
 

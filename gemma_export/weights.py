@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ExportError
 from .model.layers import RMSNorm
-from .model.text import TextDecoder
+from .model.text import TWO_BLOCK, TextDecoder
 from .variants import Variant
 
 
@@ -119,12 +119,13 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def decoder_sources(variant: Variant, max_context: int, tensors: TensorSource) -> tuple[TextDecoder, dict[str, Callable[[], torch.Tensor]]]:
+def decoder_sources(variant: Variant, max_context: int, tensors: TensorSource,
+                    attention: str = TWO_BLOCK) -> tuple[TextDecoder, dict[str, Callable[[], torch.Tensor]]]:
     """The export model on the meta device and, per parameter name, a function that makes its
     float32 value from the checkpoint. Names and shapes are checked here; nothing is loaded, so a
     caller can hold one weight at a time (load_decoder, or the streamed export in stream_export.py)."""
     with torch.device("meta"):
-        model = TextDecoder(variant, max_context)
+        model = TextDecoder(variant, max_context, attention)
     names = tensors.names()
     wmap = weight_map(variant, model, names)
     check_names(wmap, names)
@@ -172,10 +173,11 @@ def _lm_head_t(tensors: TensorSource, name: str, shape: tuple[int, int]) -> torc
     return out
 
 
-def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None) -> TextDecoder:
+def load_decoder(variant: Variant, max_context: int, tensors: TensorSource, progress=None,
+                 attention: str = TWO_BLOCK) -> TextDecoder:
     """Build the export model on the meta device and fill it one tensor at a time, so peak
     memory is the float32 model plus one tensor."""
-    model, sources = decoder_sources(variant, max_context, tensors)
+    model, sources = decoder_sources(variant, max_context, tensors, attention)
     for param_name, make in sources.items():
         _set_param(model, param_name, make())
         if progress:

@@ -33,18 +33,22 @@ class Tiny:
             self._checkpoints[family] = checkpoints.build(family, self.root / "checkpoints" / family)
         return self._checkpoints[family]
 
-    def export(self, family: str) -> Path:
-        if family not in self._exports:
+    def export(self, family: str, graph_passes: str | None = None) -> Path:
+        """The cpu target's export of the family; graph_passes="none": the standard-ONNX one
+        (no contrib fusions, two-block attention)."""
+        key = family if graph_passes is None else f"{family}-passes-{graph_passes}"
+        if key not in self._exports:
             from gemma_export.cli import main
 
-            out = self.root / "exports" / family
+            out = self.root / "exports" / key
             rc = main(["--checkpoint", str(self.checkpoint(family)), "--max-context", str(MAX_CONTEXT),
                        "--prefill-chunk", str(PREFILL_CHUNK), "--quiet", str(out)]
+                      + ([] if graph_passes is None else ["--graph-passes", graph_passes])
                       # its towers are small stand-ins (tests/checkpoints.py), not real encoders
                       + (["--text-only"] if family == "gemma3n_released" else []))
             assert rc == 0, f"export of the tiny {family} checkpoint failed (exit {rc})"
-            self._exports[family] = out
-        return self._exports[family]
+            self._exports[key] = out
+        return self._exports[key]
 
     def reference(self, family: str):
         return checkpoints.reference(family, self.checkpoint(family))

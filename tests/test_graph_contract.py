@@ -3,6 +3,8 @@
 - the KV cache is read in place: in the session's optimized graph (onnxruntime's own rewrite,
   saved with `optimized_model_filepath`), the past key/value inputs, through layout-only ops, feed
   nothing but matrix products: no Concat of past and new rows, no Transpose or Expand copy;
+  in a GroupQueryAttention graph (kv_layout "shared_buffer"), each feeds one such node directly,
+  whose present output is the graph output the runtime binds to the same buffer;
 - the token table stays on the host and the tied LM head is its own constant: the only
   vocabulary-sized initializer is `lm_head_t` [H, V], with no Transpose of it in the graph.
 """
@@ -45,8 +47,18 @@ def _cache_consumers(model: onnx.ModelProto) -> dict[str, int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_is_read_in_place(family, tiny, tmp_path):
     out = tiny.export(family)
-    consumers = _cache_consumers(_optimized(out / "decoder.onnx", tmp_path))
-    assert set(consumers) <= {"MatMul", "FusedMatMul"}, consumers
+    manifest = json.loads((out / "manifest.json").read_text())
+    model = _optimized(out / "decoder.onnx", tmp_path)
+    consumers = _cache_consumers(model)
+    if manifest["kv_layout"] == "past_and_new_blocks":
+        assert set(consumers) <= {"MatMul", "FusedMatMul"}, consumers
+        return
+    assert manifest["kv_layout"] == "shared_buffer"
+    assert consumers == {"GroupQueryAttention": len(manifest["caches"])}, consumers
+    for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+        past_key, past_value = node.input[3], node.input[4]
+        spec = next(c for c in manifest["caches"] if c["past_key"] == past_key)
+        assert (past_value, node.output[1], node.output[2]) == (spec["past_value"], spec["new_key"], spec["new_value"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

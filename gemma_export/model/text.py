@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..variants import Variant
+from ..variants import SLIDING, Variant
+from .gqa import GqaInputs, group_query_attention
 from .layers import (
     SQRT2_INV,
     RMSNorm,
@@ -64,7 +65,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, past, shared_new, masks):
         """past: (k_past, v_past) of this layer's cache or of its KV producer's.
         shared_new: the producer's new rows for a KV-shared layer, else None.
-        Returns (output, (k_new, v_new))."""
+        masks: the two-block masks, or GqaInputs for the fused op (model/gqa.py).
+        Returns (output, (k_new, v_new)), or with GqaInputs (output, (present_key, present_value))."""
+        if isinstance(masks, GqaInputs):
+            return self._fused(x, past, masks)
         q = self._heads(self.q_proj(x), self.variant.num_heads)
         if self.variant.qk_norm:
             q = self.q_norm(q)
@@ -72,6 +76,19 @@ class Attention(nn.Module):
         new = self.new_kv(x, cos, sin) if self.owns_kv else shared_new
         out = two_block_attention(q, *past, *new, *masks, self.variant.attn_scale, self.variant.attn_logit_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(1, x.shape[1], -1)), new
+
+    def _fused(self, x, past, gqa: GqaInputs):
+        """GroupQueryAttention: normed, not yet roped q/k in [1,T,heads*d]; the op ropes them and
+        writes k/v into the cache buffer it returns as present."""
+        v, chunk = self.variant, x.shape[1]
+        q = self._heads(self.q_proj(x), v.num_heads)
+        k = self._heads(self.k_proj(x), v.num_kv_heads)
+        if v.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out, present_key, present_value = group_query_attention(
+            q.reshape(1, chunk, -1), k.reshape(1, chunk, -1), self.v_proj(x), *past, gqa.seqlens_k, gqa.total,
+            gqa.cos, gqa.sin, v.num_heads, v.num_kv_heads, v.attn_scale, gqa.window)
+        return self.o_proj(out), (present_key, present_value)
 
 
 class MLP(nn.Module):
@@ -203,14 +220,37 @@ class Gemma3nDecoderLayer(nn.Module):
         return torch.cat((corrected[:1], corrected[1:] + first), dim=0), new
 
 
+TWO_BLOCK, GROUP_QUERY = "two-block", "group-query"
+ATTENTIONS = (TWO_BLOCK, GROUP_QUERY)
+
+
+def supports_group_query(variant: Variant) -> bool:
+    """GroupQueryAttention writes the cache it reads: a KV-shared layer (Gemma 3n) has none."""
+    return all(variant.kv_source(i) == i for i in range(variant.num_layers))
+
+
 class TextDecoder(nn.Module):
     """The whole decoder as one graph; `forward` is what torch.onnx.export traces."""
 
-    def __init__(self, variant: Variant, max_context: int):
+    def __init__(self, variant: Variant, max_context: int, attention: str = TWO_BLOCK):
         super().__init__()
         v = variant
         self.variant = variant
         self.max_context = max_context
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == GROUP_QUERY and not supports_group_query(v):
+            raise ValueError(f"{v.family}: GroupQueryAttention cannot read another layer's cache (KV sharing)")
+        self.attention = attention
+        if attention == GROUP_QUERY:
+            # the op's rotary tables, one pair per layer kind, for every position of the context;
+            # real tensors even when the model is built on the meta device (they are constants)
+            with torch.device("cpu"):
+                positions = torch.arange(max_context, dtype=torch.float32)
+                for t in sorted(set(v.layer_types)):
+                    cos, sin = rope_tables(v, t, positions)
+                    self.register_buffer(f"rope_cos_{t}", cos[:, : v.head_dim // 2].contiguous(), persistent=False)
+                    self.register_buffer(f"rope_sin_{t}", sin[:, : v.head_dim // 2].contiguous(), persistent=False)
         layer_cls = Gemma3nDecoderLayer if v.gemma3n else DecoderLayer
         self.layers = nn.ModuleList(layer_cls(v, i) for i in range(v.num_layers))
         self.norm = RMSNorm(v.hidden_size, v.rms_norm_eps)
@@ -257,6 +297,8 @@ class TextDecoder(nn.Module):
         Returns (logits, [new_key, new_value] per cache layer)."""
         v = self.variant
         chunk = inputs_embeds.shape[1]
+        if self.attention == GROUP_QUERY:
+            return self._forward_fused(inputs_embeds, position, valid, past)
         positions = (position + torch.arange(chunk, dtype=torch.int64)).to(torch.float32)
         rope = {t: rope_tables(v, t, positions) for t in set(v.layer_types)}
         cache_layers = v.cache_layers
@@ -285,6 +327,27 @@ class TextDecoder(nn.Module):
             )
             new_rows.setdefault(source, new)
 
+        return self._logits(hidden, valid), [t for layer in cache_layers for t in new_rows[layer]]
+
+    def _forward_fused(self, inputs_embeds, position, valid, past):
+        """GroupQueryAttention graph: returns (logits, [present_key, present_value] per layer)."""
+        v = self.variant
+        chunk = inputs_embeds.shape[1]
+        last_row = (position + chunk - 1).to(torch.int32)
+        total = last_row.reshape(()) + 1
+        kinds = {
+            t: GqaInputs(last_row, total, getattr(self, f"rope_cos_{t}"), getattr(self, f"rope_sin_{t}"),
+                         v.sliding_window if t == SLIDING and v.sliding_window else -1)
+            for t in set(v.layer_types)
+        }
+        hidden, presents = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            hidden, present = layer(hidden, None, None, (past[2 * i], past[2 * i + 1]), None, kinds[v.layer_types[i]])
+            presents += present
+        return self._logits(hidden, valid), presents
+
+    def _logits(self, hidden, valid):
+        v = self.variant
         last = (valid - 1).reshape(1)
         if v.gemma3n:
             hidden = self._altup_merge(hidden.index_select(2, last))
@@ -293,4 +356,4 @@ class TextDecoder(nn.Module):
         logits = torch.matmul(self.norm(hidden), self.lm_head_t).reshape(1, v.vocab_size)
         if v.final_logit_softcap is not None:
             logits = torch.tanh(logits / v.final_logit_softcap) * v.final_logit_softcap
-        return logits, [t for layer in cache_layers for t in new_rows[layer]]
+        return logits

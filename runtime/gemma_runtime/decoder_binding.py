@@ -46,9 +46,12 @@ def _prefix(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 class DecoderBinding:
     def __init__(self, session: ort.InferenceSession, cache: KVCache, hidden: int, vocab: int,
-                 max_chunk: int, per_layer: tuple[int, int] | None = None):
+                 max_chunk: int, per_layer: tuple[int, int] | None = None, in_place: bool = False):
+        """in_place: the graph's cache outputs are the whole updated buffers (kv_layout
+        "shared_buffer"), bound to the cache's own memory; no new-row buffers."""
         self._session = session
         self._cache = cache
+        self._in_place = in_place
         self._hidden = hidden
         self._per_layer_dims = per_layer
         self.max_chunk = max_chunk
@@ -57,7 +60,7 @@ class DecoderBinding:
         self._position = np.zeros(1, dtype=np.int64)
         self._valid = np.zeros(1, dtype=np.int64)
         self._logits = np.zeros((1, vocab), dtype=np.float32)
-        self._new = [
+        self._new = [] if in_place else [
             (np.zeros(max_chunk * s.kv_heads * s.head_dim, np.float32),
              np.zeros(max_chunk * s.kv_heads * s.head_dim, np.float32))
             for s in cache.specs
@@ -85,10 +88,13 @@ class DecoderBinding:
         binding.bind_cpu_input("valid", self._valid)
         _bind_output(binding, "logits", self._logits)
         new_keys, new_values = [], []
-        for spec, key, value, (new_key, new_value) in zip(self._cache.specs, self._cache.keys, self._cache.values,
-                                                          self._new):
+        for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
             binding.bind_cpu_input(spec.past_key, key)
             binding.bind_cpu_input(spec.past_value, value)
+            if self._in_place:  # present = past: onnxruntime's GroupQueryAttention writes in place
+                _bind_output(binding, spec.new_key, key)
+                _bind_output(binding, spec.new_value, value)
+        for spec, (new_key, new_value) in zip(self._cache.specs, self._new):
             shape = (1, spec.kv_heads, t, spec.head_dim)
             new_keys.append(_prefix(new_key, shape))
             new_values.append(_prefix(new_value, shape))

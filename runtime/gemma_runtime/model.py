@@ -44,7 +44,8 @@ from .session_cache import graph_cache_key, open_session
 from .stop_strings import StopStrings, check_stop_strings
 from .tables import HostTableReader
 
-KV_LAYOUT = "past_and_new_blocks"
+KV_BLOCKS, KV_SHARED_BUFFER = "past_and_new_blocks", "shared_buffer"  # manifest.CacheSpec says what each means
+KV_LAYOUTS = (KV_BLOCKS, KV_SHARED_BUFFER)
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.
@@ -108,7 +109,8 @@ class Model:
         self._embed = embed
         self._per_layer = per_layer
         self._cache = KVCache(manifest.caches)
-        self._prompt_cache = PromptCache(self._cache, manifest.sliding_window)
+        self._in_place = manifest.kv_layout == KV_SHARED_BUFFER  # the graph writes the cache itself
+        self._prompt_cache = PromptCache(self._cache, manifest.sliding_window, rings=not self._in_place)
         self._outputs = ["logits", *self._cache.output_names()]
         # io_binding=False: plain session.run with a feed dict and fresh outputs per step (the
         # loop before IOBinding, kept for benchmarks: bench/decode_profile.py --loop feeds).
@@ -116,7 +118,8 @@ class Model:
         if io_binding:
             pli = manifest.per_layer_inputs
             self._binding = DecoderBinding(session, self._cache, manifest.hidden_size, manifest.vocab_size,
-                                           manifest.prefill_chunk, None if pli is None else (pli.num_layers, pli.dim))
+                                           manifest.prefill_chunk, None if pli is None else (pli.num_layers, pli.dim),
+                                           in_place=self._in_place)
         self._stop = frozenset(manifest.tokens.stop)
         self._tokenizer = None
         self._template: ChatTemplate | None = None
@@ -125,6 +128,9 @@ class Model:
         self._cache_has_media = False  # the cached rows came from a call with images/audio
         embeds = next((t for t in manifest.graphs["decoder"].inputs if t.name == "inputs_embeds"), None)
         self._symbolic_chunk = embeds is not None and len(embeds.shape) == 3 and isinstance(embeds.shape[1], str)
+        if self._in_place and not self._symbolic_chunk:
+            # padding rows would be written into the buffers, past the valid positions
+            raise ManifestError(f"kv_layout {KV_SHARED_BUFFER} needs a decoder with a symbolic chunk length")
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -423,8 +429,9 @@ class Model:
         io.position[0] = position
         io.valid[0] = valid
         self._binding.run(io)
-        for index in range(len(self._cache.specs)):
-            self._cache.write(index, io.new_keys[index], io.new_values[index], position, valid)
+        if not self._in_place:
+            for index in range(len(self._cache.specs)):
+                self._cache.write(index, io.new_keys[index], io.new_values[index], position, valid)
         return io.logits
 
     def _fill_inputs(self, ids: np.ndarray, position: int, soft, embeds: np.ndarray,
@@ -461,7 +468,11 @@ class Model:
             feeds["per_layer_inputs"] = per_layer
         logits, *new_rows = self._session.run(self._outputs, feeds)
         for index in range(len(self._cache.specs)):
-            self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
+            if self._in_place:  # fresh outputs here: the whole updated buffers, copied back
+                np.copyto(self._cache.keys[index], new_rows[2 * index])
+                np.copyto(self._cache.values[index], new_rows[2 * index + 1])
+            else:
+                self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
         return logits
 
 
@@ -470,9 +481,9 @@ class Model:
 
 def _check_manifest(m: Manifest) -> None:
     """Catch an export this runtime would misread before anything is hashed or loaded."""
-    if m.kv_layout != KV_LAYOUT:
+    if m.kv_layout not in KV_LAYOUTS:
         raise ManifestError(
-            f"kv_layout {m.kv_layout!r} is not supported by this runtime (it runs {KV_LAYOUT!r}); "
+            f"kv_layout {m.kv_layout!r} is not supported by this runtime (it runs {', '.join(KV_LAYOUTS)}); "
             f"upgrade gemma-runtime or re-export for another target"
         )
     if "decoder" not in m.graphs:
@@ -495,6 +506,11 @@ def _check_manifest(m: Manifest) -> None:
                 f"num_layers * dim = {pli.num_layers * pli.dim}"
             )
     for spec in m.caches:
+        if m.kv_layout == KV_SHARED_BUFFER and spec.length < m.max_context:
+            raise ManifestError(
+                f"kv_layout {KV_SHARED_BUFFER}: the cache of layer {spec.layer} holds {spec.length} positions, "
+                f"fewer than max_context {m.max_context} (its buffers are linear)"
+            )
         if spec.kind == "global" and spec.length < m.max_context:
             raise ManifestError(
                 f"global cache of layer {spec.layer} holds {spec.length} positions, fewer than max_context {m.max_context}"

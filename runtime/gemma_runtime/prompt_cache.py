@@ -26,11 +26,13 @@ from .kv_cache import KVCache
 
 
 class PromptCache:
-    def __init__(self, cache: KVCache, sliding_window: int | None):
+    def __init__(self, cache: KVCache, sliding_window: int | None, rings: bool = True):
+        """rings=False: sliding caches are linear buffers (kv_layout "shared_buffer"), which
+        roll back like global ones."""
         self.cache = cache
         self.window = sliding_window
         self.ids: list[int] = []
-        self._rings = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"]
+        self._rings = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"] if rings else []
         self._mark_len: int | None = None
         self._mark_keys: list[np.ndarray] = []
         self._mark_values: list[np.ndarray] = []

@@ -1,0 +1,104 @@
+"""Attention as onnxruntime's GroupQueryAttention (com.microsoft), for targets whose provider has it.
+
+The KV contract is the op's own (DESIGN.md allows it; the manifest's kv_layout says which):
+every cache layer's buffer is `[1, kv_heads, max_context, head_dim]`, linear for sliding layers
+too (the op's `local_window_size` hides keys beyond the window), and the graph's
+`present_key.N` / `present_value.N` outputs are that same buffer: the runtime binds them to the
+memory of `past_key.N` / `past_value.N`, and the op writes the chunk's rows in place
+(past_present_share_buffer). The op reads only the valid prefix of the buffer, where the
+two-block graph reads all of it every step.
+
+Rotary runs inside the op (do_rotary, rotate-half) from [max_context, head_dim/2] tables, at
+positions seqlens_k + 1 - T .. seqlens_k. The chunk is never padded on these targets (T is
+symbolic), so `position` alone gives seqlens_k = position + T - 1.
+
+The op is a torch custom op whose eager body is the same math in torch (the reference the graph
+is checked against is Hugging Face's eager model, tests/test_parity.py); torch.onnx.export turns
+it into the one ONNX node through CUSTOM_TRANSLATION.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnxscript
+import torch
+
+
+def _schema() -> onnx.defs.OpSchema:
+    """The part of com.microsoft's GroupQueryAttention schema we emit: onnx's Python package has no
+    contrib schemas, and torch.onnx's graph builder needs one to make the node."""
+    P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    ints, floats = onnx.defs.OpSchema.AttrType.INT, onnx.defs.OpSchema.AttrType.FLOAT
+    inputs = [P(n, "M" if n in ("seqlens_k", "total_sequence_length") else "T")
+              for n in ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                        "cos_cache", "sin_cache")]
+    return onnx.defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=inputs, outputs=[P(n, "T") for n in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[A("num_heads", ints, ""), A("kv_num_heads", ints, ""), A("scale", floats, ""),
+                    A("local_window_size", ints, ""), A("do_rotary", ints, ""), A("rotary_interleaved", ints, "")],
+    )
+
+
+_GQA = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
+
+
+@dataclass(frozen=True)
+class GqaInputs:
+    """What every GroupQueryAttention node of one layer kind shares, computed once per graph."""
+
+    seqlens_k: torch.Tensor  # [1] int32: position + T - 1
+    total: torch.Tensor  # [] int32: position + T
+    cos: torch.Tensor  # [max_context, head_dim/2]
+    sin: torch.Tensor
+    window: int  # keys a query may see, itself included; -1: no limit
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    c, s = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+
+
+@torch.library.custom_op("gemma_export::group_query_attention", mutates_args=())
+def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+                          past_value: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, num_heads: int, kv_heads: int, scale: float,
+                          window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1,T,H*d], k/v [1,T,KV*d] (not yet roped), past [1,KV,S,d] -> (out [1,T,H*d], present key,
+    present value [1,KV,S,d]): the eager meaning of the ONNX node."""
+    chunk, dim = q.shape[1], past_key.shape[-1]
+    start = int(seqlens_k.reshape(-1)[0]) + 1 - chunk
+    positions = torch.arange(start, start + chunk)
+    q = _rotate(q.reshape(1, chunk, num_heads, dim).transpose(1, 2), cos[positions], sin[positions])
+    k = _rotate(k.reshape(1, chunk, kv_heads, dim).transpose(1, 2), cos[positions], sin[positions])
+    v = v.reshape(1, chunk, kv_heads, dim).transpose(1, 2)
+    present_key, present_value = past_key.clone(), past_value.clone()
+    present_key[:, :, start:start + chunk], present_value[:, :, start:start + chunk] = k, v
+    keys = present_key[:, :, :start + chunk].repeat_interleave(num_heads // kv_heads, dim=1)
+    values = present_value[:, :, :start + chunk].repeat_interleave(num_heads // kv_heads, dim=1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    key_pos = torch.arange(start + chunk)[None, :]
+    allowed = key_pos <= positions[:, None]
+    if window > 0:
+        allowed &= key_pos > positions[:, None] - window
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = torch.matmul(probs, values).transpose(1, 2).reshape(1, chunk, num_heads * dim)
+    return out, present_key, present_value
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_key, past_value, seqlens_k, total, cos, sin, num_heads, kv_heads, scale, window):
+    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def _onnx_group_query_attention(q, k, v, past_key, past_value, seqlens_k, total, cos, sin, num_heads: int,
+                                kv_heads: int, scale: float, window: int):
+    return _GQA(q, k, v, past_key, past_value, seqlens_k, total, cos, sin, num_heads=num_heads, kv_num_heads=kv_heads,
+                scale=scale, local_window_size=window, do_rotary=1, rotary_interleaved=0)
+
+
+CUSTOM_TRANSLATION = {torch.ops.gemma_export.group_query_attention.default: _onnx_group_query_attention}
