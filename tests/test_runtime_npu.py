@@ -192,6 +192,7 @@ def test_runtime_matches_the_export_driver_on_cpu(family, tiny, npu_export):
     assert manifest.npu_inputs == npu_inputs_spec(variant, manifest.max_context)
     model = load_model(out, provider="cpu", threads=1)
     assert isinstance(model, NpuModel) and model.provider == "CPUExecutionProvider"
+    assert isinstance(Model.load(out, provider="cpu", threads=1), NpuModel)  # the library's entry point too
 
     prompt = _prompt(3, 2 * PREFILL_CHUNK + 1)
     want, want_rows = _driver_greedy(out, variant, prompt, 24, set(manifest.tokens.stop))

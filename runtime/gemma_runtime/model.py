@@ -144,6 +144,12 @@ class Model:
         session.run loop instead of the bound buffers (for comparison benchmarks)."""
         folder = Path(path)
         manifest = read_manifest(folder)
+        if cls is Model and "decoder" not in manifest.graphs and {"prefill", "decode"} <= manifest.graphs.keys():
+            # static NPU graphs (gemma-export --target qnn-htp): two sessions, host rope and masks
+            from .npu_decoder import NpuModel  # it imports this module: not at the top
+
+            return NpuModel.load(folder, provider=provider, threads=threads, graph_cache=graph_cache,
+                                 io_binding=io_binding)
         _check_manifest(manifest)
         _check_onnxruntime_version(manifest)
         provider = resolve_provider(provider, manifest.target, manifest.providers)
