@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from gemma_export.cli import main as export_main
 from gemma_export.package import requantize_export
 from gemma_export.passes import TensorStore, blockwise, quantize_matmuls
+from gemma_export.passes import matmuls
 from gemma_export.passes.logits import all_positions_logits
 from gemma_export.recipes import Recipe, WeightFormat, make_recipe
 
@@ -57,11 +58,20 @@ def graph_weight(q: onnx.ModelProto, k: int, n: int, bits: int, block: int) -> n
     zp = inits[node.input[3]] if len(node.input) > 3 else None
     w = unpack_matmulnbits(inits[node.input[1]], inits[node.input[2]], zp, k, n, bits, block)
     if len(q.graph.node) > 1:
-        block_sums, offsets = (inits[q.graph.node[i].input[1]] for i in (1, 2))
+        # block sums: Reshape to [1, T, n_blocks, block] + ReduceSum over the block, or (K not a
+        # multiple of the block) a MatMul with a 0/1 [K, n_blocks] constant: either way S below
         expected = np.zeros((k, -(-k // block)), dtype=np.float32)
         expected[np.arange(k), np.arange(k) // block] = 1
-        np.testing.assert_array_equal(block_sums, expected)
-        w = w + block_sums @ offsets
+        by_type = {n.op_type: n for n in q.graph.node[1:]}
+        offsets = next(inits[n.input[1]] for n in q.graph.node if n.name.endswith("/offsets/MatMul"))
+        if "ReduceSum" in by_type:
+            assert k % block == 0
+            assert inits[by_type["Reshape"].input[1]].tolist() == [0, 0, k // block, block]
+            assert inits[by_type["ReduceSum"].input[1]].tolist() == [-1]
+        else:
+            sums = next(n for n in q.graph.node if n.name.endswith("/block_sums_b%d/MatMul" % block))
+            np.testing.assert_array_equal(inits[sums.input[1]], expected)
+        w = w + expected @ offsets
     return w
 
 
@@ -83,14 +93,16 @@ def _mlp_recipe(fmt: WeightFormat) -> Recipe:
     return Recipe("test", mlp=fmt)
 
 
-@pytest.mark.parametrize("bits, block, symmetric, search, affine", [
-    (4, 32, True, True, False), (4, 16, False, True, False), (4, 128, True, False, False), (4, 64, False, False, False),
-    (4, 32, False, True, True), (4, 16, False, False, True),
-    (8, 32, True, True, False), (8, 16, False, False, False), (8, 128, True, False, False),
+@pytest.mark.parametrize("bits, block, symmetric, search, affine, k", [
+    (4, 32, True, True, False, 200), (4, 16, False, True, False, 200), (4, 128, True, False, False, 200),
+    (4, 64, False, False, False, 200), (4, 32, False, True, True, 200), (4, 16, False, False, True, 200),
+    (4, 32, False, True, True, 256), (4, 16, False, False, True, 256),
+    (8, 32, True, True, False, 200), (8, 16, False, False, False, 200), (8, 128, True, False, False, 200),
 ])
-def test_matmulnbits_computes_the_dequantized_weight(bits, block, symmetric, search, affine):
-    rng = np.random.default_rng(bits * 1000 + block)
-    k, n = 200, 48  # K not a multiple of any block: the last block is padded
+def test_matmulnbits_computes_the_dequantized_weight(monkeypatch, bits, block, symmetric, search, affine, k):
+    monkeypatch.setattr(matmuls, "SUMS_MATRIX_MAX_BYTES", 0)  # block sums of a K that allows it: ReduceSum
+    rng = np.random.default_rng(bits * 1000 + block + k)
+    n = 48  # K = 200 is not a multiple of any block: the last block is padded
     w = (rng.standard_normal((k, n)) * rng.uniform(0.01, 2.0, size=(1, n))).astype(np.float32)
     w[:, 3] = 0.0  # an all-zero column: scale 0 must not produce NaN
     model = _one_matmul(w)
@@ -98,7 +110,9 @@ def test_matmulnbits_computes_the_dequantized_weight(bits, block, symmetric, sea
     q = quantize_matmuls(model, _mlp_recipe(fmt), TensorStore())
     ops = [nd.op_type for nd in q.graph.node]
     # affine: a symmetric MatMulNBits plus the offsets' share, block sums of x times O [n_blocks, N]
-    assert ops == (["MatMulNBits", "MatMul", "MatMul", "Add"] if affine else ["MatMulNBits"])
+    # (the sums by Reshape + ReduceSum where K is a multiple of the block, else a 0/1 MatMul)
+    sums = ["Reshape", "ReduceSum"] if k % block == 0 else ["MatMul"]
+    assert ops == (["MatMulNBits", *sums, "MatMul", "Add"] if affine else ["MatMulNBits"])
     assert onnx.ModelProto.SerializeToString(model) == onnx.ModelProto.SerializeToString(_one_matmul(w))  # input unchanged
     assert (len(q.graph.node[0].input) > 3) == (not symmetric and not affine)  # packed uint8 zero points
     w_deq = graph_weight(q, k, n, bits, block)
