@@ -16,6 +16,12 @@ On this 2-core machine (--threads 2): ours 8.07-8.96 decode tokens/s (2.15 GiB o
 53% of the 15.3 tokens/s that 35.3 GB/s allows). Peak RSS 3.28 GiB right after load before the LM
 head was cut into 128 MiB parts (passes/matmuls.py), 2.85 after; 3.35 after 32 decode steps.
 
+Rerun 2026-12-01 on the lent machine after the int4 block sums became Reshape + ReduceSum for
+K = 8192 (passes/matmuls.py; the 0/1 constant was read 30 times a step): decode ours 13.00 tokens/s,
+eager 3.79 (3.43x); prefill 75.7 vs 72.7 (1.04x); peak RSS ours 3.35 GiB (after load 2.79: 2.49
+anonymous; after prefill 3.18; after 32 steps 3.32), eager 42.1 GiB. The two runs' eager figures
+differ by 20%: compare the ratios within a run.
+
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
 Not a test: eager E2B in fp32 needs ~22 GB of memory, and an fp32 export ~20 GB of disk.
