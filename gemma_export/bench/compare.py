@@ -136,7 +136,9 @@ def streamed_weights(name: str, setup: EngineSetup, report: dict, manifest, out:
 
 
 def run_engines(args, manifest, prompts, bandwidth) -> dict:
-    kv_layers = [KvLayer(c.kv_heads, c.head_dim, c.length if c.kind == "sliding" else None) for c in manifest.caches]
+    # a sliding layer attends to its window (a shared_buffer export's sliding caches are whole-context buffers)
+    kv_layers = [KvLayer(c.kv_heads, c.head_dim, min(c.length, manifest.sliding_window or c.length) if c.kind == "sliding" else None)
+                 for c in manifest.caches]
     records = {}
     for name in ENGINES:
         setup = setup_for(name, args, manifest)
