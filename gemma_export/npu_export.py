@@ -49,7 +49,7 @@ from .targets import Target, load_target
 from .weights import load_decoder
 
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
-NPU_MIN_ONNXRUNTIME = "1.22"  # QDQ at opset 21 (16-bit Q/DQ in the standard domain)
+NPU_MIN_ONNXRUNTIME = "1.23"  # opset 23: RMSNormalization (CPU kernel since 1.23); 16-bit Q/DQ at opset 21
 CALIBRATION_SEQUENCES = 6  # random-id sequences for checkpoints without a tokenizer
 CALIBRATION_TOKENS = 512  # real-text tokens when a tokenizer is present
 

@@ -1,9 +1,11 @@
 """Static decoder graphs for NPU targets (qnn-htp): one per chunk length (prefill T, decode 1),
 exported from model/npu_text.py's NpuDecoder. The CPU graph (graphs.py) is untouched by this path.
 
-Opset 21: QDQ with 16-bit activations needs QuantizeLinear/DequantizeLinear of opset 21 in the
-standard domain (onnxruntime's quantizer writes com.microsoft Q/DQ below it, which the QNN
-provider also reads, but an NPU graph keeps to the standard domain).
+Exported at opset 21: QDQ with 16-bit activations needs QuantizeLinear/DequantizeLinear of opset 21
+in the standard domain (onnxruntime's quantizer writes com.microsoft Q/DQ below it, which the QNN
+provider also reads, but an NPU graph keeps to the standard domain). Then every RMSNorm becomes one
+RMSNormalization node, which raises the graph to opset 23 (passes/rms_norm.py: the HTP computes
+the exported x * (mean(x^2) + eps)^-0.5 chain far from the CPU, its own RmsNorm op to one step).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from .graphs import output_names
 from .model.npu_text import NpuDecoder, npu_input_names, npu_inputs_spec
 from .model.text import TextDecoder
+from .passes.rms_norm import fuse_rms_norm
 from .variants import Variant
 
 NPU_OPSET = 21
@@ -46,4 +49,5 @@ def export_npu_decoder(decoder: TextDecoder, max_context: int, chunk: int) -> on
             input_names=npu_input_names(variant), output_names=output_names(variant),
             opset_version=NPU_OPSET, dynamo=True, optimize=True, verbose=False,
         )
-    return program.model_proto
+    model, _ = fuse_rms_norm(program.model_proto)
+    return model

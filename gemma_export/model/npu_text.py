@@ -11,7 +11,7 @@ rope_tables and attention_masks, the functions of the CPU graph):
     cos.K, sin.K      [T,d]   rope tables of the chunk's positions, per layer kind K
     mask_past.K       [T,S_K] additive: 0 where a query may attend a cache slot, MASK_VALUE where not
     mask_new.K        [T,T]   additive, the chunk's own keys (causal, sliding window)
-    last              [1,1,T] one-hot of the last valid row (a MatMul picks it: no Gather on `valid`)
+    last              [1,1,T] one-hot of the last valid row (Mul + ReduceSum pick it: no Gather on `valid`)
     past_key.N, past_value.N  [1,KV,S,d]
       -> logits [1,V], new_key.N, new_value.N [1,KV,T,d]
 
@@ -105,7 +105,11 @@ class NpuDecoder(nn.Module):
             )
             new_rows.setdefault(source, new)
 
-        hidden = torch.matmul(last, hidden)  # [1,1,T] @ [(A,)1,T,H] -> the last valid row
+        # the last valid row: sum over T of hidden * one-hot [(A,)1,T,H] * [1,T,1], not last @ hidden:
+        # the HTP rounds a MatMul's second activation operand to 8 bits (the residual stream here; the
+        # real Gemma 3 270M's final one spans +-31000: steps of ~250), while Mul and ReduceSum of a
+        # one-hot are exact
+        hidden = (hidden * last.reshape(1, -1, 1)).sum(dim=-2, keepdim=True)
         if v.gemma3n:
             hidden = d._altup_merge(hidden)
         logits = torch.matmul(d.norm(hidden), d.lm_head_t).reshape(1, v.vocab_size)

@@ -15,6 +15,24 @@ from ..errors import ExportError
 
 ACTIVATION_TYPES = ("uint8", "uint16")
 
+# onnxruntime's CPU provider fuses DequantizeLinear(int8 weight) + MatMul into MatMulNBits, whose
+# default accuracy level (4) quantizes the float activation to int8 per block on the fly: an error
+# the QDQ graph does not hold (a uint16 activation rounded to 8 bits; the real Gemma 3 270M's
+# projections came out up to 2.5 % of their range off, bench/npu_divergence.py), and one the HTP
+# does not make (it multiplies the uint16 codes exactly). Level 1 computes in float32.
+CPU_QDQ_MATMUL_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
+
+def cpu_reference_options(options=None):
+    """onnxruntime SessionOptions for running a QDQ graph on the CPU provider as the graph says
+    (float arithmetic between each DequantizeLinear and QuantizeLinear): the reference the HTP's
+    integer run is held to, and the CPU figures of bench/npu_quality.py."""
+    import onnxruntime as ort
+
+    options = options if options is not None else ort.SessionOptions()
+    options.add_session_config_entry(*CPU_QDQ_MATMUL_ACCURACY)
+    return options
+
 
 def qdq_quantize(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], activations: str = "uint16",
                  weight_bits: int = 8) -> None:
