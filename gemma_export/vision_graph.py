@@ -21,8 +21,9 @@ GRAPH_FILE = "vision.onnx"
 DATA_FILE = "vision.data"
 
 
-def export_vision(encoder: VisionEncoder) -> onnx.ModelProto:
-    """The encoder as an optimized ONNX model (weights inside the proto until saved)."""
+def export_vision(encoder: VisionEncoder, opset: int = OPSET) -> onnx.ModelProto:
+    """The encoder as an optimized ONNX model (weights inside the proto until saved); `opset`: NPU
+    targets export at 21 (npu_encoders.py: 16-bit QDQ in the standard domain)."""
     example = torch.zeros(encoder.spec.input_shape)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -31,7 +32,7 @@ def export_vision(encoder: VisionEncoder) -> onnx.ModelProto:
             (example,),
             input_names=[INPUT],
             output_names=[OUTPUT],
-            opset_version=OPSET,
+            opset_version=opset,
             dynamo=True,
             optimize=True,
             verbose=False,
