@@ -54,7 +54,6 @@ from gemma_export.passes.qdq import cpu_reference_options
 from gemma_runtime import Model
 from gemma_runtime.manifest import read_manifest
 from gemma_runtime.session_cache import _create
-from gemma_runtime.tables import HostTableReader
 
 
 def _log_softmax(x):
@@ -74,12 +73,7 @@ def _variant(folder: Path, checkpoint: str | None):
 
 
 def _driver(folder: Path, variant) -> NpuDriver:
-    m = read_manifest(folder)
-    embed = HostTableReader.open(folder, "embed_tokens", m.tables["embed_tokens"])
-    per_layer = None
-    if m.per_layer_inputs is not None:
-        per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
-    return NpuDriver(variant, m.max_context, m.prefill_chunk, embed.lookup, per_layer.lookup if per_layer else None)
+    return NpuDriver.for_export(folder, variant)
 
 
 def session_options(provider: str, cpu_int8_matmul: bool = False) -> ort.SessionOptions:

@@ -28,6 +28,20 @@ class NpuDriver:
         self.inputs = npu_inputs_spec(variant, max_context)
         self.cache = KVCache(_caches(variant, max_context))
 
+    @classmethod
+    def for_export(cls, folder, variant: Variant) -> "NpuDriver":
+        """A driver over the host tables of the export `folder` (any export of the same weights:
+        its tables hold the same rows), with that export's max context and prefill chunk."""
+        from gemma_runtime.manifest import read_manifest
+        from gemma_runtime.tables import HostTableReader
+
+        m = read_manifest(folder)
+        embed = HostTableReader.open(folder, "embed_tokens", m.tables["embed_tokens"])
+        per_layer = None
+        if m.per_layer_inputs is not None:
+            per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
+        return cls(variant, m.max_context, m.prefill_chunk, embed.lookup, per_layer.lookup if per_layer else None)
+
     def feeds(self, ids: Sequence[int], position: int, chunk: int) -> dict[str, np.ndarray]:
         v, valid = self.variant, len(ids)
         ids = np.asarray(ids, dtype=np.int64)

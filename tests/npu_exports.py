@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from conftest import MAX_CONTEXT, PREFILL_CHUNK
 
 _MADE: dict[tuple[Path, str], tuple[Path, Path]] = {}
@@ -25,3 +27,12 @@ def npu_export(tiny, tmp_path_factory, family: str) -> tuple[Path, Path]:
         write_npu_export(plan, root / "out", Progress(enabled=False), keep_float=root / "float")
         _MADE[key] = root / "out", root / "float"
     return _MADE[key]
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(p || q) over the rows of two logits arrays."""
+    lp = p_logits - p_logits.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q_logits - q_logits.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())

@@ -23,23 +23,13 @@ from gemma_export.npu_driver import NpuDriver
 from gemma_export.passes.qdq import cpu_reference_options
 from gemma_export.variants import variant_from_config
 from gemma_runtime import Model
-from gemma_runtime.manifest import read_manifest
 from gemma_runtime.session_cache import _create
-from gemma_runtime.tables import HostTableReader
 
 # Gemma 3 (sliding ring = chunk) and Gemma (MQA) in every run; the tiny Gemma 3n (AltUp, LAuReL,
 # per-layer inputs, KV sharing) takes ~3 minutes more on 2 cores (its two static exports and QDQ
 # passes), so it runs with GEMMA_TEST_NPU_GEMMA3N=1 (it passed: every node on the HTP, KL 0.004)
 FAMILIES = ("gemma3_sw8", "gemma") + (("gemma3n",) if os.environ.get("GEMMA_TEST_NPU_GEMMA3N") == "1" else ())
 PROMPT_LEN, DECODE_STEPS = PREFILL_CHUNK + 4, 5  # a full chunk, a partial one, then single-token steps
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    lp = p_logits - p_logits.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def _ids(seed: int) -> tuple[list[int], list[int]]:
@@ -70,13 +60,7 @@ def _rsqrt_pows(model) -> list[str]:
 
 
 def _driver(folder, checkpoint) -> NpuDriver:
-    m = read_manifest(folder)
-    variant = variant_from_config(open_checkpoint(str(checkpoint)).config)
-    embed = HostTableReader.open(folder, "embed_tokens", m.tables["embed_tokens"])
-    per_layer = None
-    if m.per_layer_inputs is not None:
-        per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
-    return NpuDriver(variant, m.max_context, m.prefill_chunk, embed.lookup, per_layer.lookup if per_layer else None)
+    return NpuDriver.for_export(folder, variant_from_config(open_checkpoint(str(checkpoint)).config))
 
 
 def _run(folder, checkpoint, provider: str, prompt, continuation) -> np.ndarray:
@@ -148,6 +132,6 @@ def test_npu_export_runs_entirely_on_the_htp(family, tiny, npu_export):
     htp = _run(out, tiny.checkpoint(family), "QNNExecutionProvider", prompt, continuation)
     fp32 = _reference(tiny.export(family), prompt, continuation)
     # (CPU: cpu_reference_options, the QDQ graph as it says; measured with RMSNormalization norms)
-    assert _kl(cpu, htp) < 0.01  # measured 0.0001..0.0004 (Gemma 3n before RMSNormalization: 0.004)
+    assert npu_exports.kl_divergence(cpu, htp) < 0.01  # measured 0.0001..0.0004 (Gemma 3n before RMSNormalization: 0.004)
     assert np.abs(htp - cpu).max() < 0.15 * np.abs(cpu).max()  # measured 3..4 %
-    assert _kl(fp32, cpu) < 0.05  # measured 0.001..0.007 (uint16 activations, int8 weights)
+    assert npu_exports.kl_divergence(fp32, cpu) < 0.05  # measured 0.001..0.007 (uint16 activations, int8 weights)

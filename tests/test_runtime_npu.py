@@ -35,21 +35,12 @@ from gemma_runtime.integrity import sha256_file
 from gemma_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 from gemma_runtime.npu_decoder import NpuModel, load_model
 from gemma_runtime.npu_inputs import host_inputs
-from gemma_runtime.tables import HostTableReader
 
 # a sliding ring (= the chunk) and global-only MQA; the tiny Gemma 3n (per-layer inputs, KV sharing)
 # with GEMMA_TEST_NPU_GEMMA3N=1, as in tests/test_qnn.py (its export takes minutes on 2 cores)
 FAMILIES = ("gemma3_sw8", "gemma") + (("gemma3n",) if os.environ.get("GEMMA_TEST_NPU_GEMMA3N") == "1" else ())
 QNN = "QNNExecutionProvider"
 COS_SIN_ATOL = 6e-8  # one float32 step at 1: the runtime's cos/sin (float64, rounded) against torch's float32 ones
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    lp = p_logits - p_logits.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = q_logits - q_logits.max(-1, keepdims=True)
-    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 @pytest.fixture(scope="module")
@@ -138,20 +129,11 @@ def _cpu_sessions(folder) -> dict[str, ort.InferenceSession]:
             for g in ("prefill", "decode")}
 
 
-def _driver(folder, variant) -> NpuDriver:
-    m = read_manifest(folder)
-    embed = HostTableReader.open(folder, "embed_tokens", m.tables["embed_tokens"])
-    per_layer = None
-    if m.per_layer_inputs is not None:
-        per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
-    return NpuDriver(variant, m.max_context, m.prefill_chunk, embed.lookup, per_layer.lookup if per_layer else None)
-
-
 def _driver_greedy(folder, variant, prompt: list[int], steps: int, stop) -> tuple[list[int], np.ndarray]:
     """Greedy ids and the logits before each of them, by NpuDriver over CPU sessions."""
     sessions = _cpu_sessions(folder)
     run = lambda g, f: sessions[g].run(None, f)  # noqa: E731
-    driver = _driver(folder, variant)
+    driver = NpuDriver.for_export(folder, variant)
     for first in range(0, len(prompt), driver.chunk):
         logits = driver.step(run, prompt[first:first + driver.chunk], first)
     tokens, rows = [], []
@@ -278,7 +260,7 @@ def test_qnn_steps_agree_with_the_cpu_run(family, npu_export):
     cpu = NpuModel.load(out, provider="cpu", threads=1)
     prompt = _prompt(4, PREFILL_CHUNK + 4)  # a full chunk, a padded one
     continuation = cpu.generate_ids(prompt, max_new_tokens=4)  # then decode steps on the T=1 graph
-    kl = _kl(_runtime_rows(cpu, prompt, continuation), _runtime_rows(htp, prompt, continuation))
+    kl = npu_exports.kl_divergence(_runtime_rows(cpu, prompt, continuation), _runtime_rows(htp, prompt, continuation))
     assert kl < 0.02  # tests/test_qnn.py's bound for the same graphs (measured 0.0003..0.004 there)
     produced = htp.generate_ids(prompt, max_new_tokens=4)
     assert 1 <= len(produced) <= 4 and all(0 <= t < checkpoints.VOCAB for t in produced)
