@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgumentError, MediaError, UnsupportedContentError
+from .errors import GemmaRuntimeError, InvalidArgumentError, MediaError, ProviderError, UnsupportedContentError
 from .manifest import Manifest
 
 KINDS = ("image", "audio")
 _GRAPH = {"image": "vision", "audio": "audio"}
+_HOP, _RATE = 160, 16_000  # the audio front end's frame step and sample rate (audio_features.py)
 
 
 def as_list(items, kind: str) -> list:
@@ -48,7 +49,10 @@ def placeholder_runs(ids: np.ndarray, token: int | None) -> list[tuple[int, int]
 
 
 class MediaEncoders:
-    """The vision and audio sessions of an export, each created when first needed."""
+    """The vision and audio sessions of an export, each created when first needed, on the model's
+    provider: for an NPU export (gemma-export --target qnn-htp: static QDQ encoder graphs) the qnn
+    provider with onnxruntime's CPU fallback off, so a graph the HTP cannot take whole is a
+    ProviderError on first use; or --provider cpu, the same QDQ graphs on the CPU."""
 
     def __init__(self, folder: Path, manifest: Manifest, provider: str, threads: int | None):
         self.folder, self.manifest, self.provider, self.threads = folder, manifest, provider, threads
@@ -71,7 +75,18 @@ class MediaEncoders:
             from .session_cache import open_encoder_session
 
             graph = self.manifest.graphs[name]
-            self._sessions[name] = open_encoder_session(self.folder / graph.file, self.provider, self.threads)
+            try:
+                self._sessions[name] = open_encoder_session(self.folder / graph.file, self.provider, self.threads)
+            except ProviderError:
+                raise
+            except GemmaRuntimeError as err:
+                if self.provider == "CPUExecutionProvider":
+                    raise
+                # an accelerator with onnxruntime's CPU fallback off (qnn) takes the whole graph or fails here
+                raise ProviderError(
+                    f"execution provider {self.provider} cannot run all of {graph.file} with onnxruntime's CPU "
+                    f"fallback off: {str(err.__cause__ or err).strip().splitlines()[0]}; pass --provider cpu "
+                    f"(provider='cpu') to run it on the CPU") from err
         return self._sessions[name]
 
     def encode_image(self, image) -> np.ndarray:
@@ -86,7 +101,12 @@ class MediaEncoders:
         return out[0]
 
     def encode_audio(self, clip) -> np.ndarray:
-        """[soft_tokens, H] float32 for one clip (path or (array, sample_rate)), padded to 30 s."""
+        """[soft_tokens, H] float32 for one clip (path or (array, sample_rate)), padded to 30 s.
+
+        A graph of F < 2997 frames (NPU exports pick a shorter fixed clip) gets the first F frames
+        of the padded features, which are those of the clip padded to F frames (the front end is
+        frame-local, padding is zeros); a clip with real samples past frame F is refused. The mask
+        goes in the graph's dtype: bool (CPU graphs) or float32 1/0 (NPU graphs)."""
         from .audio_features import audio_features
 
         if isinstance(clip, tuple) and len(clip) == 2:
@@ -95,9 +115,17 @@ class MediaEncoders:
             features, mask = audio_features(clip, padding="max_length")
         graph = self.manifest.graphs["audio"]
         frames = graph.inputs[0].shape[1]
-        if features.shape[1] != frames:
+        if features.shape[1] < frames:
             raise MediaError(f"the audio features have {features.shape[1]} frames, the audio graph takes {frames}")
-        feeds = {graph.inputs[0].name: features.astype(np.float32), graph.inputs[1].name: mask.astype(bool)}
+        if features.shape[1] > frames:
+            if mask[:, frames:].any():
+                raise MediaError(
+                    f"the clip lasts about {mask.sum() * _HOP / _RATE:.2f} s; this export's audio graph takes "
+                    f"{frames} frames, clips of at most {frames * _HOP / _RATE:.2f} s: cut the clip, or use an "
+                    f"export whose audio graph is longer")
+            features, mask = features[:, :frames], mask[:, :frames]
+        feeds = {graph.inputs[0].name: features.astype(np.float32),
+                 graph.inputs[1].name: mask.astype(np.dtype(graph.inputs[1].dtype))}
         (out,) = self._session("audio").run(None, feeds)
         return out[0]
 
