@@ -8,6 +8,8 @@ QDQ-quantized, beside the same host tables and tokenizer files as a CPU export.
       -> passes/qdq.py: int8 per-channel weights, uint8/uint16 activations (the target's)
       -> prefill.onnx, decode.onnx (weights inside each: int8, so a Gemma 3 270M graph is ~0.3 GB;
          QNN shares them between the two graphs only through its own EP-context files)
+    Gemma 3n multimodal checkpoints (without --text-only): vision.onnx and audio.onnx beside them,
+    static QDQ graphs of npu_encoders.py, and the hard-token rows of both vocabularies in embed_tokens.bin
 
 The graphs take host-computed rope tables, additive masks and a one-hot of the last valid row
 (model/npu_text.py); the manifest's `npu_inputs` records what the host needs to compute them
@@ -118,8 +120,14 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
                 save_with_external_data(model, float_dir, GRAPH_FILES[graph], GRAPH_FILES[graph] + ".data")
                 del model
         del decoder
+        encoder_graphs, hard_rows, encoders_record = {}, None, None
+        if plan.encoders is not None:  # vision and audio graphs (npu_encoders.py)
+            from .npu_encoders import write_npu_encoders
+
+            encoder_graphs, hard_rows, encoders_record = write_npu_encoders(
+                plan.encoders, plan.tensors, plan.aux_files, staging, progress, target.activations)
         with progress.step("writing host tables (float32)"):
-            tables = write_host_tables(variant, plan.tensors, staging, "float32")
+            tables = write_host_tables(variant, plan.tensors, staging, "float32", embed_overrides=hard_rows)
         tokenizer_files = []
         for name, path in sorted(plan.aux_files.items()):
             shutil.copyfile(path, staging / name)
@@ -140,6 +148,7 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
         for graph, spec in graphs.items():
             if [t.name for t in spec.inputs] != expected or [t.name for t in spec.outputs] != output_names(variant):
                 raise ExportError(f"{graph}: the quantized graph's inputs/outputs differ from the NPU contract")
+        graphs.update(encoder_graphs)
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = _provenance(plan, None)
         provenance["min_onnxruntime"] = NPU_MIN_ONNXRUNTIME
@@ -147,6 +156,8 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
             "name": plan.quant, "format": "qdq", "weights": "int8 per output channel, symmetric",
             "activations": target.activations, "calibration": _calibration_note(staging),
         }
+        if encoders_record:
+            provenance["encoders"] = encoders_record
         g = variant.gemma3n
         manifest = Manifest(
             format_version=FORMAT_VERSION, family=variant.family, variant=variant.name, architecture=variant.architecture,
@@ -154,7 +165,7 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
             prefill_chunk=plan.prefill_chunk, max_context=plan.max_context, sliding_window=variant.sliding_window,
             graphs=graphs, kv_layout="past_and_new_blocks", caches=_caches(variant, plan.max_context), tables=tables,
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
-            tokens=_token_ids(variant, plan.aux_files), files=files, provenance=provenance,
+            tokens=_token_ids(variant, plan.aux_files, plan.encoders), files=files, provenance=provenance,
             tokenizer_files=tuple(tokenizer_files), providers=target.providers, npu_inputs=npu_inputs,
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -171,8 +182,6 @@ def _calibration_note(folder: Path) -> str:
 def _check(plan: ExportPlan, target: Target) -> None:
     if target.weights.format != "qdq" or not target.static_shapes:
         raise ExportError(f"target {target.name} is not an NPU target (static QDQ graphs)")
-    if plan.encoders is not None:
-        raise ExportError(f"target {target.name} builds the text decoder only in this version: pass --text-only")
     if plan.recipe.changes_graph and plan.quant != target.weights.quant:
         raise ExportError(f"target {target.name} quantizes as QDQ {target.weights.quant}, not {plan.quant}")
     if plan.prefill_chunk < 2:
