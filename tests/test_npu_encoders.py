@@ -3,8 +3,8 @@
 QNN HTP (PyPI's onnxruntime-qnn; on x86-64 an emulator) with onnxruntime's CPU fallback off.
 
 References: the fp32 CPU-target encoders of the same checkpoint (conftest's `multimodal` export),
-on a real JPEG and WAV ($GEMMA_TEST_MEDIA or /work/cache/media: photo.jpg, speech.wav; where they
-are missing, a JPEG and a WAV written here, as tests/test_multimodal.py makes its media), and the
+on a JPEG and a WAV written here, as tests/test_multimodal.py makes its media (or photo.jpg and
+speech.wav from $GEMMA_TEST_MEDIA), and the
 same QDQ graphs on onnxruntime's CPU provider, which the HTP must agree with. The export calibrates
 on its built-in synthetic media (npu_encoders.calibration_media), never on the files compared here.
 
@@ -36,7 +36,9 @@ from multimodal_checkpoint import AUDIO, BOA, BOS, EOA
 pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed")
 
 QNN, CPU = "QNNExecutionProvider", "CPUExecutionProvider"
-MEDIA = Path(os.environ.get("GEMMA_TEST_MEDIA", "/work/cache/media"))
+# a folder with photo.jpg and speech.wav to compare on; by default the fixture writes its own, so a
+# fresh clone on any machine tests the same media (the floors below hold on both)
+MEDIA = Path(os.environ.get("GEMMA_TEST_MEDIA", "/nonexistent-media-folder"))
 NPU_CONTEXT, NPU_CHUNK = 512, 32  # room for one audio run (188 ids) and a short prompt
 SHORT_SECONDS = 5.0  # a second audio graph, shorter than the 30 s default
 
