@@ -158,12 +158,7 @@ class _Runner:
             self.last_extra = {**dict(zip(self.extra, new_rows[len(self.outputs) - 1:])),
                                **{n: feeds[n] for n in self.extra_fed}}
             new_rows = new_rows[: len(self.outputs) - 1]
-        for index in range(len(self.cache.specs)):
-            if self.in_place:
-                np.copyto(self.cache.keys[index], new_rows[2 * index])
-                np.copyto(self.cache.values[index], new_rows[2 * index + 1])
-            else:
-                self.cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
+        self.cache.store_outputs(new_rows, position, valid, whole_buffers=self.in_place)
         self.seconds += time.perf_counter() - start
         return logits[:valid]
 

@@ -62,8 +62,7 @@ class NpuDriver:
         if len(ids) > chunk:
             raise ValueError(f"{len(ids)} ids exceed the prefill chunk {chunk}")
         logits, *rows = run(graph, self.feeds(ids, position, chunk))
-        for index in range(len(self.cache.specs)):
-            self.cache.write(index, rows[2 * index], rows[2 * index + 1], position, len(ids))
+        self.cache.store_outputs(rows, position, len(ids))
         return logits
 
     def teacher_forced(self, run: Run, prompt: Sequence[int], continuation: Sequence[int]) -> list[np.ndarray]:

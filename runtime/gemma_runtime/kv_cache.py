@@ -46,6 +46,18 @@ class KVCache:
     def output_names(self) -> list[str]:
         return [name for spec in self.specs for name in (spec.new_key, spec.new_value)]
 
+    def store_outputs(self, outputs, position: int, valid: int, whole_buffers: bool = False) -> None:
+        """The graph's cache outputs, [new_key, new_value] per spec in order: the chunk's rows
+        (stored with write), or with whole_buffers (kv_layout "shared_buffer", outputs not bound
+        to these buffers) the updated buffers themselves, copied in."""
+        for index in range(len(self.specs)):
+            key, value = outputs[2 * index], outputs[2 * index + 1]
+            if whole_buffers:
+                np.copyto(self.keys[index], key)
+                np.copyto(self.values[index], value)
+            else:
+                self.write(index, key, value, position, valid)
+
     def write(self, index: int, new_key: np.ndarray, new_value: np.ndarray, position: int, valid: int) -> None:
         """Store the first `valid` of the chunk's rows, which start at absolute `position`."""
         spec = self.specs[index]

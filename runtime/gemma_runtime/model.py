@@ -473,12 +473,7 @@ class Model:
         if per_layer is not None:
             feeds["per_layer_inputs"] = per_layer
         logits, *new_rows = self._session.run(self._outputs, feeds)
-        for index in range(len(self._cache.specs)):
-            if self._in_place:  # fresh outputs here: the whole updated buffers, copied back
-                np.copyto(self._cache.keys[index], new_rows[2 * index])
-                np.copyto(self._cache.values[index], new_rows[2 * index + 1])
-            else:
-                self._cache.write(index, new_rows[2 * index], new_rows[2 * index + 1], position, valid)
+        self._cache.store_outputs(new_rows, position, valid, whole_buffers=self._in_place)
         return logits
 
 

@@ -102,8 +102,7 @@ class NpuDecoder:
         feeds.update(host_inputs(self._spec, position, valid, chunk))
         feeds.update(self._cache.feeds())
         logits, *new = self._sessions[graph].run(self._outputs, feeds)
-        for index in range(len(self._cache.specs)):
-            self._cache.write(index, new[2 * index], new[2 * index + 1], position, valid)
+        self._cache.store_outputs(new, position, valid)
         return logits
 
 
