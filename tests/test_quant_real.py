@@ -10,6 +10,8 @@ sit a little below the figures measured when they were set.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from gemma_export.evaluate import cpython_docs_text, encode_text, evaluate_ids
@@ -33,7 +35,8 @@ def exports(tmp_path_factory, real_270m_export):
     for recipe in ("int8", "int4", "fp16"):
         requantize_export(fp32, root / recipe, make_recipe(recipe))
         out[recipe] = root / recipe
-    return out
+    yield out
+    shutil.rmtree(root, ignore_errors=True)  # 2 GB: CI's disk holds every session fixture at once
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,11 @@ both forwards happen once per module.
 
 from __future__ import annotations
 
+import shutil
 import types
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -108,7 +110,8 @@ def exported(spec, tensors, tmp_path_factory):
 
     encoder = load_vision(spec, tensors)
     folder = tmp_path_factory.mktemp("vision_export")
-    return write_vision(encoder, folder)
+    yield write_vision(encoder, folder)
+    shutil.rmtree(folder, ignore_errors=True)  # 1.1 GB, needed by this module only
 
 
 def test_parity_with_eager_get_image_features(exported, tensors, pixel_values):
