@@ -40,7 +40,8 @@ recipe's LM head and k/v, and the whole int8 recipe). The checkpoint's Q4_K tens
 blocks of 32 (a float offset each), which uint8 zero points cannot hold: hence affine. Since run 2
 the int4 recipe is affine-acc4; int8 stays at level 0 (its quality target), 37x slower than level 4.
 Run 5: an int4 LM head reads 80 MiB less a step (+15% decode) but misses the 90% top-1 target, so
-the int4 recipe keeps its LM head in int8.
+the int4 recipe kept its LM head in int8 until its best 512 candidates were rescored from int8
+rows (passes/rescore.py; recipes.int4 has the figures).
 """
 
 from __future__ import annotations

@@ -37,7 +37,10 @@ def _export_parser() -> argparse.ArgumentParser:
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero points (int8 default)")
     sym.add_argument("--affine", action="store_true", default=None, help="float zero points: a fitted offset per block (int4 default)")
     q.add_argument("--accuracy-level", type=int, help="MatMulNBits accuracy_level: 0 = float activations (default), 4 = int8 (faster, less exact)")
-    q.add_argument("--lm-head", type=int, dest="lm_head_bits", help="LM head bits: 4, 8 (int4 default) or 32 (keep float)")
+    q.add_argument("--lm-head", type=int, dest="lm_head_bits", help="LM head bits: 4 (rescored, see --lm-head-rescore), 8 (int4 default) or 32 (keep float)")
+    q.add_argument("--lm-head-rescore", type=int, metavar="K",
+                   help="a 4-bit LM head's K best candidates get their logits again from int8 rows "
+                        "(default 512 with --lm-head 4; 0: none)")
     q.add_argument("--rtn", dest="scale_search", action="store_false", default=None, help="plain round-to-nearest scales (no search)")
     q.add_argument("--tables", choices=list(TABLE_FORMATS),
                    help="host table rows: float32, int8 or int4 per row (int8 under int4/int8)")
@@ -79,7 +82,7 @@ def _export(argv: list[str]) -> int:
         target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
         random_weights=args.random_weights, text_only=args.text_only,
         recipe_options=RecipeOptions(block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
-                                     lm_head_bits=args.lm_head_bits, scale_search=args.scale_search, tables=args.tables,
+                                     lm_head_bits=args.lm_head_bits, lm_head_rescore=args.lm_head_rescore, scale_search=args.scale_search, tables=args.tables,
                                      affine=args.affine),
         matformer=args.matformer, matformer_config=args.matformer_config, ffn_dims=args.ffn_dims, skip_layers=args.skip_layers,
     ))

@@ -31,8 +31,8 @@ ENCODER_GRAPHS = ("vision", "audio")
 BLOCK_SIZES = (16, 32, 64, 128)
 # MatMulNBits: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations. onnxruntime's CPU
 # kernels: 4-bit is fast at every level (level 4 about 2x level 0), 8-bit only at level 4 (at 0/1
-# it dequantizes the whole weight every run, ~100x slower). int4 runs at 4 (its int8 LM head and
-# k/v too): on Gemma 3 270M the same quality as level 0 (90.7% vs 91.3% top-1, ppl ratio 1.022 vs
+# it dequantizes the whole weight every run, ~100x slower). int4 runs at 4 (its int8 attention
+# too): on Gemma 3 270M the same quality as level 0 (90.7% vs 91.3% top-1, ppl ratio 1.022 vs
 # 1.021) at 40x the decode speed (bench/int4_kernels.py). int8 stays at 0 by default: int8
 # activations cost it 2.3 points of top-1 agreement (96.1% vs 98.4%, 1024 tokens);
 # --accuracy-level 4 trades that for the fast kernels.
@@ -87,6 +87,8 @@ class Recipe:
     # calibration text (passes/calibrate.py), named here (e.g. "cpython-docs-tail:2048")
     calibration: str | None = None
     calibration_tokens: int = 2048
+    # > 0: the LM head's K best candidates get their logits again from int8 rows (passes/rescore.py)
+    lm_head_rescore: int = 0
     # the encoder graphs of Gemma 3n exports (None: float32)
     vision: WeightFormat | None = None
     audio: WeightFormat | None = None
@@ -140,6 +142,8 @@ class Recipe:
             raise ExportError(f"recipe {self.name}: calibration weights the block search of 4/8-bit weights; this recipe has none")
         if self.tables not in TABLE_FORMATS:
             raise ExportError(f"recipe {self.name}: host table format {self.tables!r} is not one of {TABLE_FORMATS}")
+        if self.lm_head_rescore < 0 or (self.lm_head_rescore and (self.lm_head is None or self.lm_head.bits != 4)):
+            raise ExportError(f"recipe {self.name}: rescoring {self.lm_head_rescore} LM-head candidates needs a 4-bit LM head")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,19 +172,35 @@ def int8() -> Recipe:
 
 
 def int4() -> Recipe:
-    """4-bit blocks of 32, affine (a fitted float offset per block), the block search weighted by
-    activation statistics from calibration text (llama.cpp's imatrix; passes/calibrate.py), k_proj
-    and v_proj in int8 (small tensors with the largest errors), the LM head in int8 (the largest
-    tensor, its error lands directly on the logits). On Gemma 3 270M, 4096 tokens vs fp32: plain
-    affine search 80.3% top-1 / ppl ratio 1.178; + calibration 89.2% / 1.043; + k/v int8 (+2.1 MiB,
-    +0.5%) 91.3% / 1.021; at accuracy level 4 (int8 activations: onnxruntime's fast CPU kernels,
-    see ACCURACY_LEVELS) 90.7% / 1.022. Calibration runs the fp32 model: an export without a
-    tokenizer (random weights) is quantized uncalibrated and its manifest's recipe says calibration null."""
+    """MLP weights in 4-bit blocks of 32, affine (a fitted float offset per block), the block search
+    weighted by activation statistics from calibration text (llama.cpp's imatrix;
+    passes/calibrate.py); attention in int8 (blocks of 32); the LM head in int8 blocks of 128. All
+    at accuracy level 4 (int8 activations: onnxruntime's fast CPU kernels, see ACCURACY_LEVELS).
+
+    On Gemma 3 270M vs its fp32 export, 4096 tokens of CPython's docs (top-1 / KL / ppl ratio):
+    plain affine search 80.3% / - / 1.178; + calibration 89.2% / - / 1.043; + k/v int8 91.3% / 0.031
+    / 1.021; at accuracy level 4 90.8% / 0.034 / 1.023 (the recipe until 2026-12-01). Then all
+    attention in int8 (the affine q/o needed a block-sum MatMul, an offsets MatMul and an Add each:
+    626 -> 518 nodes) and the LM head in blocks of 128 instead of 32: 90.8% / 0.033 / 1.022, decode
+    1.10-1.27x (bench/compare_exports.py, interleaved runs, 128-token prompt).
+    `--lm-head 4` makes the LM head 4-bit with its best LM_HEAD_RESCORE candidates rescored from
+    int8 rows (passes/rescore.py): 90.5% / 0.036 / 1.028 and decode another 1.13-1.33x, but the
+    export is then larger than the int8 recipe's on disk (the rows are a second copy of the head).
+    The 4-bit head without rescoring: 83.3% / 0.088 / 1.085.
+    Calibration runs the fp32 model: an export without a tokenizer (random weights) is quantized
+    uncalibrated and its manifest's recipe says calibration null."""
     w4 = WeightFormat(bits=4, block_size=DEFAULT_BLOCK, symmetric=False, affine=True, accuracy_level=4)
     w8 = WeightFormat(bits=8, block_size=DEFAULT_BLOCK, accuracy_level=4)
-    return Recipe("int4", attention=w4, mlp=w4, lm_head=w8, tables="int8",
-                  overrides=(("self_attn.k_proj", w8), ("self_attn.v_proj", w8)),
+    head = WeightFormat(bits=8, block_size=128, accuracy_level=4)
+    return Recipe("int4", attention=w8, mlp=w4, lm_head=head, tables="int8",
                   calibration="cpython-docs-tail", vision=ENCODER_W8, audio=ENCODER_W8)
+
+
+# candidates of a 4-bit LM head rescored from int8 rows, unless --lm-head-rescore says otherwise:
+# on Gemma 3 270M, 32 -> 512 took the KL to fp32 from 0.045 to 0.035 at no measured speed cost on
+# 2 threads (an E2B-shaped head on 4 threads of the lent machine: 10.6 ms alone, 11.2 with 64, 12.5
+# with 512; the int8 head of blocks of 32 17.4)
+LM_HEAD_RESCORE = 512
 
 
 RECIPES = {"fp32": fp32, "fp16": fp16, "int8": int8, "int4": int4}
@@ -194,13 +214,14 @@ class RecipeOptions:
     symmetric: bool | None = None
     accuracy_level: int | None = None
     lm_head_bits: int | None = None  # 4, 8 or 32 (float)
+    lm_head_rescore: int | None = None  # candidates of a 4-bit LM head rescored from int8 rows; 0: none
     scale_search: bool | None = None
     tables: str | None = None
     affine: bool | None = None
 
     def given(self) -> list[str]:
         flags = {"block_size": "--block-size", "symmetric": "--asymmetric/--symmetric", "accuracy_level": "--accuracy-level",
-                 "lm_head_bits": "--lm-head", "scale_search": "--rtn", "tables": "--tables", "affine": "--affine"}
+                 "lm_head_bits": "--lm-head", "lm_head_rescore": "--lm-head-rescore", "scale_search": "--rtn", "tables": "--tables", "affine": "--affine"}
         return [flag for field, flag in flags.items() if getattr(self, field) is not None]
 
 
@@ -244,6 +265,10 @@ def make_recipe(name: str, options: RecipeOptions = RecipeOptions()) -> Recipe:
             raise ExportError(f"--lm-head {options.lm_head_bits}: choose 4, 8 or 32 (float)")
         base = recipe.lm_head or recipe.mlp
         recipe = dataclasses.replace(recipe, lm_head=None if options.lm_head_bits == 32 else dataclasses.replace(base, bits=options.lm_head_bits))
+        # a 4-bit head is rescored by default (passes/rescore.py): alone it misses the quality floor
+        recipe = dataclasses.replace(recipe, lm_head_rescore=LM_HEAD_RESCORE if options.lm_head_bits == 4 else 0)
+    if options.lm_head_rescore is not None:
+        recipe = dataclasses.replace(recipe, lm_head_rescore=options.lm_head_rescore)
     if options.tables is not None:
         recipe = dataclasses.replace(recipe, tables=options.tables)
     recipe.check()

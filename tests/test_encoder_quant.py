@@ -108,7 +108,7 @@ def test_int4_encoders_hold_the_recipe_ops(multimodal, int4_export, graph):
     assert manifest.quant == recipe["name"] == "int4"
     fmt = recipe[graph]
     assert fmt["bits"] == 8 and fmt == {k: getattr(ENCODER_W8, k) for k in fmt}, fmt  # int4's encoders: 8-bit
-    assert recipe["attention"]["bits"] == 4  # ... while the decoder's are 4-bit,
+    assert recipe["mlp"]["bits"] == 4  # ... while the decoder's MLP is 4-bit,
     assert recipe["calibration"] == "cpython-docs-tail"  # calibrated (the checkpoint has a tokenizer)
 
     ref, got = _weight_ops(multimodal[1] / f"{graph}.onnx"), _weight_ops(out / f"{graph}.onnx")

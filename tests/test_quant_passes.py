@@ -481,7 +481,8 @@ def test_export_and_requantize_agree(tiny, tmp_path, tables):
     layouts = [json.loads((d / "manifest.json").read_text())["tables"]["embed_tokens"] for d in (direct, derived)]
     assert layouts[0] == layouts[1] and layouts[0]["dtype"] == tables
     rec = json.loads((direct / "manifest.json").read_text())["provenance"]["quant_recipe"]
-    assert rec["name"] == "int4" and rec["attention"]["bits"] == 4 and rec["lm_head"]["bits"] == 8
+    assert rec["name"] == "int4" and rec["attention"]["bits"] == 8 and rec["mlp"]["bits"] == 4
+    assert rec["lm_head"]["bits"] == 8 and rec["lm_head_rescore"] == 0
     assert rec["largest_errors"] and rec["tensors"] > 0
 
 

@@ -40,7 +40,10 @@ def all_positions_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     if final is None:
         raise GraphShapeError("no Reshape makes the decoder's logits: not a graph made by gemma-export")
     from_valid = _depends_on(producers, "valid")
-    gather = next((n for n in chain if n.op_type == "Gather" and from_valid(n.input[1])), None)
+    # of activations: the LM head's rescoring (passes/rescore.py) gathers rows of a weight by
+    # indices that depend on `valid` too
+    weights = {t.name for t in graph.initializer}
+    gather = next((n for n in chain if n.op_type == "Gather" and n.input[0] not in weights and from_valid(n.input[1])), None)
     if gather is None:
         raise GraphShapeError("no Gather of the last valid position found before the logits")
     hidden, picked = gather.input[0], gather.output[0]

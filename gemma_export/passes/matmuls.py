@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from ..recipes import Recipe
 from . import blockwise
+from .rescore import rescore_nodes
 from .store import TensorStore
 
 MS_DOMAIN = "com.microsoft"
@@ -191,12 +192,15 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 written.append((tensors, part_offsets))
             del b, scales, zp, offsets
             replaced[wm.weight] = [t for tensors, o in written for t in tensors + ([o] if o is not None else [])]
+            rescore = recipe.lm_head_rescore if wm.tensor_class == "lm_head" else 0
             for i in wm.nodes:
                 old = graph.node[i]
                 new_nodes[i] = []
                 outs = []
+                # with rescoring, the quantized head makes the approximate logits (passes/rescore.py)
+                head_out = f"{old.output[0]}/approx" if rescore else old.output[0]
                 for p, (name, (a, e), (tensors, part_offsets)) in enumerate(zip(names, parts, written)):
-                    out_p = old.output[0] if len(parts) == 1 else f"{old.output[0]}/part{p}"
+                    out_p = head_out if len(parts) == 1 else f"{old.output[0]}/part{p}"
                     outs.append(out_p)
                     attrs = dict(K=k, N=e - a, bits=fmt.bits, block_size=fmt.block_size)
                     if fmt.accuracy_level:
@@ -214,7 +218,11 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                             helper.make_node("Add", [y, share], [out_p], name=f"/{name}/offsets/Add"),
                         ]
                 if len(parts) > 1:
-                    new_nodes[i].append(helper.make_node("Concat", outs, [old.output[0]], name=f"/{stem}/Concat", axis=-1))
+                    new_nodes[i].append(helper.make_node("Concat", outs, [head_out], name=f"/{stem}/Concat", axis=-1))
+                if rescore:
+                    nodes, tensors = rescore_nodes(old.input[0], head_out, old.output[0], w, rescore, stem, store)
+                    new_nodes[i] += nodes
+                    replaced[wm.weight] += tensors
         del w
         if report is not None:
             report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))
