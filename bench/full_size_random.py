@@ -22,6 +22,13 @@ eager 3.79 (3.43x); prefill 75.7 vs 72.7 (1.04x); peak RSS ours 3.35 GiB (after 
 anonymous; after prefill 3.18; after 32 steps 3.32), eager 42.1 GiB. The two runs' eager figures
 differ by 20%: compare the ratios within a run.
 
+Rerun 2026-12-01 (a later lease, slower: eager decoded 2.76) with the int4 recipe's attention in
+int8 and its LM head in int8 blocks of 128 (recipes.int4): export 228 s, peak RSS 3.92 GiB, 4.56 GiB
+on disk; decode ours 9.89 tokens/s, eager 2.76 (3.58x); prefill 67.1 vs 48.4 (1.39x); peak RSS ours
+3.30 GiB (after load 2.78: 2.47 anonymous), eager 42.1 GiB. With `--lm-head 4` (the 4-bit head
+rescored, passes/rescore.py) on another lease: decode 9.86 vs eager 3.33 (2.96x), peak RSS 3.60
+GiB (the int8 rows are mapped from the data file, and the pages that the gathers touch stay).
+
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
 Not a test: eager E2B in fp32 needs ~22 GB of memory, and an fp32 export ~20 GB of disk.
