@@ -122,7 +122,7 @@ def test_the_eval_variant_scores_every_position_the_same_way():
 def test_a_4_bit_head_is_rescored_unless_told_otherwise():
     assert make_recipe("int4").lm_head_rescore == 0 and make_recipe("int4").lm_head.bits == 8
     four = make_recipe("int4", RecipeOptions(lm_head_bits=4))
-    assert four.lm_head.bits == 4 and four.lm_head.block_size == 128 and four.lm_head_rescore == 512
+    assert four.lm_head.bits == 4 and four.lm_head.block_size == 64 and four.lm_head_rescore == 512
     assert make_recipe("int4", RecipeOptions(lm_head_bits=4, lm_head_rescore=0)).lm_head_rescore == 0
     assert make_recipe("int8", RecipeOptions(lm_head_bits=4, lm_head_rescore=64)).lm_head_rescore == 64
     assert make_recipe("int4", RecipeOptions(lm_head_bits=32)).lm_head is None
