@@ -193,12 +193,16 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             del b, scales, zp, offsets
             replaced[wm.weight] = [t for tensors, o in written for t in tensors + ([o] if o is not None else [])]
             rescore = recipe.lm_head_rescore if wm.tensor_class == "lm_head" else 0
+            # the int8 rows are made and written once per weight, whatever number of nodes reads it
+            rescoring = rescore_nodes(w, rescore, stem, store) if rescore else None
+            if rescoring is not None:
+                replaced[wm.weight] += rescoring.tensors
             for i in wm.nodes:
                 old = graph.node[i]
                 new_nodes[i] = []
                 outs = []
                 # with rescoring, the quantized head makes the approximate logits (passes/rescore.py)
-                head_out = f"{old.output[0]}/approx" if rescore else old.output[0]
+                head_out = f"{old.output[0]}/approx" if rescoring is not None else old.output[0]
                 for p, (name, (a, e), (tensors, part_offsets)) in enumerate(zip(names, parts, written)):
                     out_p = head_out if len(parts) == 1 else f"{old.output[0]}/part{p}"
                     outs.append(out_p)
@@ -219,10 +223,8 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                         ]
                 if len(parts) > 1:
                     new_nodes[i].append(helper.make_node("Concat", outs, [head_out], name=f"/{stem}/Concat", axis=-1))
-                if rescore:
-                    nodes, tensors = rescore_nodes(old.input[0], head_out, old.output[0], w, rescore, stem, store)
-                    new_nodes[i] += nodes
-                    replaced[wm.weight] += tensors
+                if rescoring is not None:
+                    new_nodes[i] += rescoring.nodes(old.input[0], head_out, old.output[0])
         del w
         if report is not None:
             report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))

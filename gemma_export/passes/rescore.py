@@ -19,6 +19,8 @@ read only K rows a step); onnxruntime has no op that takes both formats from one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -36,10 +38,34 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def rescore_nodes(h: str, approx: str, out: str, w: np.ndarray, k: int, stem: str,
-                  store: TensorStore) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes (and their new initializers) that make `out` from the approximate logits `approx` of
-    the LM head's input `h`, W [D, V] being the head's float weight."""
+@dataclass(frozen=True)
+class Rescoring:
+    """The int8 rows of one LM head weight and the constants its rescoring nodes read."""
+
+    tensors: list[onnx.TensorProto]  # rows, row scales, k, the two axes
+    stem: str
+
+    def nodes(self, h: str, approx: str, out: str) -> list[onnx.NodeProto]:
+        """Nodes that make `out` from the approximate logits `approx` of the head's input `h`."""
+        rows, scales, k_name, ax2, ax1 = (t.name for t in self.tensors)
+        p = f"/{self.stem}/rescore/{out.strip('/')}"  # one set of names per head output
+        return [
+            helper.make_node("TopK", [approx, k_name], [f"{p}/values", f"{p}/ids"], name=f"{p}/TopK", axis=-1),
+            helper.make_node("Gather", [rows, f"{p}/ids"], [f"{p}/rows_int8"], name=f"{p}/Gather_rows", axis=0),
+            helper.make_node("Cast", [f"{p}/rows_int8"], [f"{p}/rows"], name=f"{p}/Cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", [h, ax2], [f"{p}/h"], name=f"{p}/Unsqueeze"),
+            helper.make_node("Mul", [f"{p}/rows", f"{p}/h"], [f"{p}/products"], name=f"{p}/Mul_h"),
+            helper.make_node("ReduceSum", [f"{p}/products", ax1], [f"{p}/dots"], name=f"{p}/ReduceSum", keepdims=0),
+            helper.make_node("Gather", [scales, f"{p}/ids"], [f"{p}/scales"], name=f"{p}/Gather_scales", axis=0),
+            helper.make_node("Mul", [f"{p}/dots", f"{p}/scales"], [f"{p}/exact"], name=f"{p}/Mul_scales"),
+            helper.make_node("ScatterElements", [approx, f"{p}/ids", f"{p}/exact"], [out], name=f"{p}/ScatterElements",
+                             axis=-1),
+        ]
+
+
+def rescore_nodes(w: np.ndarray, k: int, stem: str, store: TensorStore) -> Rescoring:
+    """The rescoring of an LM head whose float weight is W [D, V]: its int8 rows written through
+    `store` once, and the nodes to place after each node that reads the head."""
     q, scale = int8_rows(w)
     if k <= 0:
         raise ValueError(f"{stem}: rescoring {k} candidates")
@@ -50,18 +76,4 @@ def rescore_nodes(h: str, approx: str, out: str, w: np.ndarray, k: int, stem: st
     consts = [numpy_helper.from_array(np.array([k], dtype=np.int64), f"{stem}.rescore_k"),
               numpy_helper.from_array(np.array([-2], dtype=np.int64), f"{stem}.rescore_axis_m2"),
               numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{stem}.rescore_axis_m1")]
-    k_name, ax2, ax1 = (c.name for c in consts)
-    p = f"/{stem}/rescore"
-    nodes = [
-        helper.make_node("TopK", [approx, k_name], [f"{p}/values", f"{p}/ids"], name=f"{p}/TopK", axis=-1),
-        helper.make_node("Gather", [rows.name, f"{p}/ids"], [f"{p}/rows_int8"], name=f"{p}/Gather_rows", axis=0),
-        helper.make_node("Cast", [f"{p}/rows_int8"], [f"{p}/rows"], name=f"{p}/Cast", to=onnx.TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", [h, ax2], [f"{p}/h"], name=f"{p}/Unsqueeze"),
-        helper.make_node("Mul", [f"{p}/rows", f"{p}/h"], [f"{p}/products"], name=f"{p}/Mul_h"),
-        helper.make_node("ReduceSum", [f"{p}/products", ax1], [f"{p}/dots"], name=f"{p}/ReduceSum", keepdims=0),
-        helper.make_node("Gather", [scales.name, f"{p}/ids"], [f"{p}/scales"], name=f"{p}/Gather_scales", axis=0),
-        helper.make_node("Mul", [f"{p}/dots", f"{p}/scales"], [f"{p}/exact"], name=f"{p}/Mul_scales"),
-        helper.make_node("ScatterElements", [approx, f"{p}/ids", f"{p}/exact"], [out], name=f"{p}/ScatterElements",
-                         axis=-1),
-    ]
-    return nodes, [rows, scales, *consts]
+    return Rescoring([rows, scales, *consts], stem)
