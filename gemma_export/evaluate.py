@@ -122,9 +122,9 @@ class _Runner:
         if m.per_layer_inputs is not None:
             self.per_layer = HostTableReader.open(folder, "per_layer", m.tables["per_layer"], row0_from=m.per_layer_inputs.vocab_size)
         self.cache = KVCache(m.caches)
-        # "shared_buffer": the graph returns whole updated buffers, and takes no padding (its
+        # "shared_buffer(_windowed)": the graph returns whole updated buffers, and takes no padding (its
         # GroupQueryAttention would write padding rows into them); chunks run at their own length
-        self.in_place = m.kv_layout == "shared_buffer"
+        self.in_place = m.kv_layout in ("shared_buffer", "shared_buffer_windowed")
         self.outputs = ["logits", *self.cache.output_names()]
         # MatMul inputs to observe: fetched as outputs, except graph inputs (onnxruntime refuses
         # those as outputs; Gemma 3n's AltUp and per-layer projections read inputs_embeds): from the feeds

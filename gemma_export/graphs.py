@@ -14,16 +14,31 @@ import onnx
 import torch
 from torch import nn
 
-from .model.gqa import CUSTOM_TRANSLATION
+from .model.gqa import CUSTOM_TRANSLATION, windowed_capacity
 from .model.text import GROUP_QUERY, TWO_BLOCK, TextDecoder
-from .variants import Variant
+from .variants import SLIDING, Variant
 
 OPSET = 18
 CHUNK_DIM = "T"
 
 
-# manifest kv_layout per attention form (DESIGN.md, KV cache)
-KV_LAYOUTS = {TWO_BLOCK: "past_and_new_blocks", GROUP_QUERY: "shared_buffer"}
+# manifest kv_layout per attention form (DESIGN.md, KV cache; runtime manifest.CacheSpec): the
+# group-query graph's sliding layers keep the op's windowed buffers where the window is shorter
+# than the context ("shared_buffer_windowed"), else every buffer is linear ("shared_buffer")
+KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED = "past_and_new_blocks", "shared_buffer", "shared_buffer_windowed"
+
+
+def _windowed(variant: Variant, layer: int, max_context: int) -> int | None:
+    if variant.layer_types[layer] != SLIDING or not variant.sliding_window:
+        return None
+    return windowed_capacity(variant.sliding_window, max_context)
+
+
+def kv_layout(variant: Variant, max_context: int, attention: str) -> str:
+    if attention != GROUP_QUERY:
+        return KV_BLOCKS
+    windowed = any(_windowed(variant, layer, max_context) for layer in variant.cache_layers)
+    return KV_SHARED_WINDOWED if windowed else KV_SHARED_BUFFER
 
 
 def cache_names(layer: int, attention: str = TWO_BLOCK) -> dict[str, str]:
@@ -40,8 +55,10 @@ def cache_names(layer: int, attention: str = TWO_BLOCK) -> dict[str, str]:
 
 def cache_length(variant: Variant, layer: int, max_context: int, attention: str = TWO_BLOCK) -> int:
     """Positions of a layer's cache buffer: a sliding layer's is a ring of the window (two-block)
-    or the whole context (group-query: the op masks the window, its buffer is linear)."""
-    return max_context if attention == GROUP_QUERY else variant.cache_length(layer, max_context)
+    or the op's windowed buffer of the window plus slack (group-query, model/gqa.py)."""
+    if attention == GROUP_QUERY:
+        return _windowed(variant, layer, max_context) or max_context
+    return variant.cache_length(layer, max_context)
 
 
 def input_names(variant: Variant) -> list[str]:

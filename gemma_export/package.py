@@ -32,7 +32,7 @@ from gemma_runtime.manifest import (
 
 from . import __version__
 from .errors import ExportError
-from .graphs import KV_LAYOUTS, OPSET, cache_length, cache_names, input_names, output_names
+from .graphs import OPSET, cache_length, cache_names, input_names, kv_layout, output_names
 from .model.text import GROUP_QUERY, TWO_BLOCK, supports_group_query
 from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
@@ -266,7 +266,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             max_context=plan.max_context,
             sliding_window=variant.sliding_window,
             graphs={"decoder": _graph_spec(variant, plan, attention), **encoder_graphs},
-            kv_layout=KV_LAYOUTS[attention],
+            kv_layout=kv_layout(variant, plan.max_context, attention),
             caches=_caches(variant, plan.max_context, attention),
             tables=tables,
             per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,

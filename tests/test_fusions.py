@@ -4,7 +4,7 @@ standard-ONNX one does, with fewer nodes and the contrib ops we expect.
 The session's tiny exports are built with the cpu target's passes (ort-fusions); the reference is
 each family exported once more with `--graph-passes none` (conftest's tiny.export). The cpu target's
 Gemma and Gemma 3 graphs also have GroupQueryAttention (rotary inside it, the cache updated in place,
-kv_layout "shared_buffer"); Gemma 3n keeps the two-block attention with RotaryEmbedding. Graphs of
+kv_layout "shared_buffer", windowed for sliding layers); Gemma 3n keeps the two-block attention with RotaryEmbedding. Graphs of
 different KV layouts take different caches, so those are compared through the runtime.
 """
 
@@ -49,7 +49,7 @@ def _kv_layout(folder) -> str:
 
 def _fused_ops(folder) -> tuple[str, ...]:
     """The contrib ops a fused export must have: rotary is its own op, or inside GroupQueryAttention."""
-    attention = "com.microsoft:GroupQueryAttention" if _kv_layout(folder) == "shared_buffer" else "com.microsoft:RotaryEmbedding"
+    attention = "com.microsoft:GroupQueryAttention" if _kv_layout(folder).startswith("shared_buffer") else "com.microsoft:RotaryEmbedding"
     return FUSED + (attention,)
 
 
@@ -61,7 +61,8 @@ def unfused(tiny):
 
 def test_cpu_target_layouts(tiny, unfused):
     """GroupQueryAttention where the family has no KV sharing, two-block elsewhere and unfused."""
-    for family, layout in (("gemma", "shared_buffer"), ("gemma3_sw8", "shared_buffer"), ("gemma3n", "past_and_new_blocks")):
+    for family, layout in (("gemma", "shared_buffer"), ("gemma3_sw8", "shared_buffer_windowed"),
+                           ("gemma3n", "past_and_new_blocks")):
         assert _kv_layout(tiny.export(family)) == layout, family
         assert _kv_layout(unfused(family)) == "past_and_new_blocks", family
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import checkpoints
-from gemma_export.model.gqa import CUSTOM_TRANSLATION, group_query_attention
+from gemma_export.model.gqa import CUSTOM_TRANSLATION, group_query_attention, resident_rows
 from gemma_runtime import Model
 from gemma_runtime.errors import ContextLengthError
 
@@ -22,9 +22,9 @@ CHUNKS = (7, 6, 1, 1, 3, 1)  # prefill in two chunks, then decode-sized and shor
 
 
 class _OneOp(nn.Module):
-    def __init__(self, kv_heads: int, window: int):
+    def __init__(self, kv_heads: int, window: int, windowed: bool = False):
         super().__init__()
-        self.kv_heads, self.window = kv_heads, window
+        self.kv_heads, self.window, self.windowed = kv_heads, window, int(windowed)
         positions = torch.arange(LENGTH, dtype=torch.float32)[:, None] / (100.0 ** (torch.arange(DIM // 2) / (DIM // 2)))
         self.register_buffer("cos", positions.cos())
         self.register_buffer("sin", positions.sin())
@@ -32,13 +32,15 @@ class _OneOp(nn.Module):
     def forward(self, q, k, v, past_key, past_value, position):
         last = (position + q.shape[1] - 1).to(torch.int32)
         return group_query_attention(q, k, v, past_key, past_value, last, last.reshape(()) + 1, self.cos, self.sin,
-                                     HEADS, self.kv_heads, 0.25, self.window)
+                                     HEADS, self.kv_heads, 0.25, self.window, self.windowed)
 
 
-@pytest.mark.parametrize("kv_heads,window", [(1, -1), (2, 5)])
-def test_onnx_node_computes_the_eager_op(kv_heads, window, tmp_path):
-    module = _OneOp(kv_heads, window)
-    cache = (1, kv_heads, LENGTH, DIM)
+# capacity None: a linear buffer of LENGTH rows; else the op's windowed cache of that many rows
+# (5: shifted every token, 7: every third; the chunks of 7 and 6 exceed it)
+@pytest.mark.parametrize("kv_heads,window,capacity", [(1, -1, None), (2, 5, None), (1, 5, 5), (2, 5, 7)])
+def test_onnx_node_computes_the_eager_op(kv_heads, window, capacity, tmp_path):
+    module = _OneOp(kv_heads, window, windowed=capacity is not None)
+    cache = (1, kv_heads, capacity or LENGTH, DIM)
     args = (torch.zeros(1, 2, HEADS * DIM), torch.zeros(1, 2, kv_heads * DIM), torch.zeros(1, 2, kv_heads * DIM),
             torch.zeros(cache), torch.zeros(cache), torch.zeros(1, dtype=torch.int64))
     chunk = torch.export.Dim("T", min=1, max=LENGTH)
@@ -70,26 +72,37 @@ def test_onnx_node_computes_the_eager_op(kv_heads, window, tmp_path):
             want, eager_keys, eager_values = module(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
                                                     eager_keys, eager_values, torch.tensor([position]))
         np.testing.assert_allclose(out, want.numpy(), atol=2e-5)
-        np.testing.assert_allclose(keys, eager_keys.numpy(), atol=2e-5)
-        np.testing.assert_allclose(values, eager_values.numpy(), atol=2e-6)
         position += t
-    assert np.abs(keys[:, :, position:]).max() == 0.0  # nothing written past the last position
+        rows = position if capacity is None else resident_rows(position, capacity, window)
+        # the op's rows past the resident ones are unspecified; the whole window always stays
+        assert min(position, window) <= rows <= min(position, capacity or LENGTH)
+        np.testing.assert_allclose(keys[:, :, :rows], eager_keys.numpy()[:, :, :rows], atol=2e-5)
+        np.testing.assert_allclose(values[:, :, :rows], eager_values.numpy()[:, :, :rows], atol=2e-6)
+    if capacity is None:
+        assert np.abs(keys[:, :, position:]).max() == 0.0  # nothing written past the last position
 
 
 def test_runtime_binds_the_cache_buffers_in_place(tiny):
     model = Model.load(tiny.export("gemma3_sw8"))
-    assert model.manifest.kv_layout == "shared_buffer"
+    assert model.manifest.kv_layout == "shared_buffer_windowed"
     prompt = checkpoints.prompt_ids()
     tokens = model.generate_ids(prompt, max_new_tokens=6)
     filled = len(prompt) + len(tokens) - 1  # the last new token is never fed
-    for keys in model._cache.keys:
-        rows = np.abs(keys[0]).max(axis=(0, 2))  # per position
-        assert (rows[:filled] > 0).all() and (rows[filled:] == 0).all()
+    window = model.manifest.sliding_window
+    kinds = {spec.kind: spec.length for spec in model.manifest.caches}
+    assert kinds == {"global": model.manifest.max_context, "sliding": window + 1}  # the window + 8 // 8
+    for spec, keys in zip(model.manifest.caches, model._cache.keys):
+        rows = np.abs(keys[0]).max(axis=(0, 2))  # per row
+        held = filled if spec.kind == "global" else resident_rows(filled, spec.length, window)
+        assert (rows[:held] > 0).all()
+        if spec.kind == "global":  # the windowed rows past the resident ones are the op's scratch
+            assert (rows[held:] == 0).all()
 
     plain = Model.load(tiny.export("gemma3_sw8"), io_binding=False)  # session.run, outputs copied back
     assert plain.generate_ids(prompt, max_new_tokens=6) == tokens
-    for bound, copied in zip(model._cache.keys, plain._cache.keys):
-        np.testing.assert_allclose(bound, copied, atol=1e-6)
+    for spec, bound, copied in zip(model.manifest.caches, model._cache.keys, plain._cache.keys):
+        held = filled if spec.kind == "global" else resident_rows(filled, spec.length, window)
+        np.testing.assert_allclose(bound[:, :, :held], copied[:, :, :held], atol=1e-6)
 
 
 def test_a_prompt_at_the_context_limit_is_refused(tiny):

@@ -3,8 +3,9 @@
 - the KV cache is read in place: in the session's optimized graph (onnxruntime's own rewrite,
   saved with `optimized_model_filepath`), the past key/value inputs, through layout-only ops, feed
   nothing but matrix products: no Concat of past and new rows, no Transpose or Expand copy;
-  in a GroupQueryAttention graph (kv_layout "shared_buffer"), each feeds one such node directly,
-  whose present output is the graph output the runtime binds to the same buffer;
+  in a GroupQueryAttention graph (kv_layout "shared_buffer" or "shared_buffer_windowed"), each
+  feeds one such node directly, whose present output is the graph output the runtime binds to
+  the same buffer, windowed (sliding_window_cache) for the sliding layers of the latter;
 - the token table stays on the host and the tied LM head is its own constant: the only
   vocabulary-sized initializer is `lm_head_t` [H, V], with no Transpose of it in the graph.
 """
@@ -53,12 +54,19 @@ def test_cache_is_read_in_place(family, tiny, tmp_path):
     if manifest["kv_layout"] == "past_and_new_blocks":
         assert set(consumers) <= {"MatMul", "FusedMatMul"}, consumers
         return
-    assert manifest["kv_layout"] == "shared_buffer"
+    windowed = manifest["kv_layout"] == "shared_buffer_windowed"
+    assert windowed == (family != "gemma")  # Gemma has no sliding layers
     assert consumers == {"GroupQueryAttention": len(manifest["caches"])}, consumers
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
         past_key, past_value = node.input[3], node.input[4]
         spec = next(c for c in manifest["caches"] if c["past_key"] == past_key)
         assert (past_value, node.output[1], node.output[2]) == (spec["past_value"], spec["new_key"], spec["new_value"])
+        # sliding layers keep the op's windowed buffer (a little more than the window), global ones a linear one
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("sliding_window_cache", 0) == int(windowed and spec["kind"] == "sliding")
+        assert dims[past_key][2] == spec["length"] == (manifest["max_context"] if spec["kind"] == "global"
+                                                       else manifest["sliding_window"] + 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

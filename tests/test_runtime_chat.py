@@ -111,16 +111,21 @@ def fresh(model, ids, n):
 @pytest.mark.parametrize("family,graph_passes", [("gemma3_sw8", "none"), ("gemma3_sw8", None), ("gemma", None)])
 def test_reuse_equals_fresh_prefill(tiny, family, graph_passes):
     """Two-block exports (--graph-passes none) keep sliding layers in rings; the cpu target's
-    GroupQueryAttention exports keep every cache linear, so they roll back like global ones."""
+    GroupQueryAttention exports keep them in the op's windowed buffers (9 rows for the window of
+    8, shifted down every second token once full): neither rolls back across a shift. Gemma has
+    no sliding layers: its caches are linear and roll back freely."""
     model = Model.load(tiny.export(family, graph_passes=graph_passes))
-    rings = model.manifest.kv_layout == "past_and_new_blocks" and family != "gemma"
+    assert model.manifest.kv_layout == {"none": "past_and_new_blocks", None: "shared_buffer_windowed" if family != "gemma"
+                                        else "shared_buffer"}[graph_passes]
+    rings = family != "gemma"
     p1 = prompt_ids(1)  # 21 tokens; sliding window 8 for gemma3_sw8: the ring has wrapped
     cases = []
     gen = model.generate_ids(p1, max_new_tokens=6)
     # 1. the new prompt extends the cached ids (prompt + answer[:-1]): prefill only the rest
     ext = p1 + gen + [7, 8, 9, 10, 11]
     cases.append((p1, 6, ext, len(p1) + 5))
-    # 2. it diverges inside the answer (a re-tokenized or cut answer): the rings were overwritten,
+    # 2. it diverges inside the answer (a re-tokenized or cut answer): the rings were overwritten
+    #    (the windowed buffers shifted at 22, 24 and 26 tokens),
     #    so the state saved at the end of the prompt's prefill is restored (global-only: rolls back)
     div = p1 + gen[:2] + [12, 13, 14]
     cases.append((p1, 6, div, len(p1) if rings else len(p1) + 2))

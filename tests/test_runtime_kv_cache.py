@@ -95,3 +95,32 @@ def test_reset_feeds_and_shapes():
 def test_unknown_kind_is_a_manifest_error():
     with pytest.raises(ManifestError, match="unknown kind"):
         KVCache([spec("chunked", 4)])
+
+
+# ---- windowed buffers (kv_layout "shared_buffer_windowed") -------------------------------------
+
+
+def test_windowed_resident_rows_follow_onnxruntimes_contract():
+    """A buffer of 9 rows for a window of 8 (onnxruntime's sliding_window_cache): full at 9 tokens,
+    then it drops 2 positions at once at 10, 12, 14, ...; always at least the window."""
+    from gemma_runtime.prompt_cache import resident_rows
+
+    assert [resident_rows(t, 9, 8) for t in range(1, 16)] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 8, 9, 8, 9, 8, 9]
+    assert [resident_rows(t, 8, 8) for t in (8, 9, 10)] == [8, 8, 8]  # capacity = window: a shift every token
+
+
+def test_windowed_rollback_only_without_a_shift_in_between():
+    from gemma_runtime.prompt_cache import PromptCache
+
+    cache = KVCache([spec("global", 32, 0), spec("sliding", 9, 1)])
+    prompt = PromptCache(cache, sliding_window=8, sliding="windowed")
+    prompt.fed(range(100, 111))  # 11 tokens: rows hold positions 2..10
+    assert prompt.plan(list(range(100, 110)) + [7, 7]) == 10  # 10 tokens also start at 2: exact
+    assert prompt.plan(list(range(100, 109)) + [7, 7]) == 0  # 9 tokens start at 0: positions 0, 1 are gone
+    prompt.fed([111])  # 12 tokens: positions 4..11
+    assert prompt.plan(list(range(100, 111)) + [7]) == 0  # 11 start at 2
+    linear = PromptCache(cache, sliding_window=8, sliding="linear")
+    linear.fed(range(100, 112))
+    assert linear.plan(list(range(100, 105)) + [7]) == 5  # linear buffers roll back freely
+    with pytest.raises(ValueError, match="sliding buffers"):
+        PromptCache(cache, sliding_window=8, sliding="ring")

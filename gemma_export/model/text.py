@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..variants import SLIDING, Variant
-from .gqa import GqaInputs, group_query_attention
+from .gqa import GqaInputs, group_query_attention, windowed_capacity
 from .layers import (
     SQRT2_INV,
     RMSNorm,
@@ -87,7 +87,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         out, present_key, present_value = group_query_attention(
             q.reshape(1, chunk, -1), k.reshape(1, chunk, -1), self.v_proj(x), *past, gqa.seqlens_k, gqa.total,
-            gqa.cos, gqa.sin, v.num_heads, v.num_kv_heads, v.attn_scale, gqa.window)
+            gqa.cos, gqa.sin, v.num_heads, v.num_kv_heads, v.attn_scale, gqa.window, int(gqa.windowed))
         return self.o_proj(out), (present_key, present_value)
 
 
@@ -335,10 +335,11 @@ class TextDecoder(nn.Module):
         chunk = inputs_embeds.shape[1]
         last_row = (position + chunk - 1).to(torch.int32)
         total = last_row.reshape(()) + 1
+        windows = {t: v.sliding_window if t == SLIDING and v.sliding_window else -1 for t in set(v.layer_types)}
         kinds = {
-            t: GqaInputs(last_row, total, getattr(self, f"rope_cos_{t}"), getattr(self, f"rope_sin_{t}"),
-                         v.sliding_window if t == SLIDING and v.sliding_window else -1)
-            for t in set(v.layer_types)
+            t: GqaInputs(last_row, total, getattr(self, f"rope_cos_{t}"), getattr(self, f"rope_sin_{t}"), window,
+                         windowed_capacity(window, self.max_context) is not None)
+            for t, window in windows.items()
         }
         hidden, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):

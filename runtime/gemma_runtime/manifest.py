@@ -80,6 +80,10 @@ class CacheSpec:
       `length` = max context, slot = absolute position (the op hides keys beyond a sliding
       window); `new_key`/`new_value` name the op's present outputs, the whole buffer, which
       the runtime binds to the `past_key`/`past_value` memory: the graph writes its rows there.
+    kv_layout "shared_buffer_windowed": as "shared_buffer", except that a sliding layer's buffer
+      is the op's windowed cache (sliding_window_cache=1): `length` = window + slack rows, rows
+      0..L-1 hold the L most recent positions in order, L a function of the token count alone
+      (prompt_cache.resident_rows); the op shifts the window down as it fills.
     """
 
     layer: int

@@ -44,8 +44,10 @@ from .session_cache import graph_cache_key, open_session
 from .stop_strings import StopStrings, check_stop_strings
 from .tables import HostTableReader
 
-KV_BLOCKS, KV_SHARED_BUFFER = "past_and_new_blocks", "shared_buffer"  # manifest.CacheSpec says what each means
-KV_LAYOUTS = (KV_BLOCKS, KV_SHARED_BUFFER)
+# manifest.CacheSpec says what each means; the shared-buffer ones are written by the graph in place
+KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED = "past_and_new_blocks", "shared_buffer", "shared_buffer_windowed"
+KV_LAYOUTS = (KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
+KV_IN_PLACE = (KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.
@@ -109,8 +111,8 @@ class Model:
         self._embed = embed
         self._per_layer = per_layer
         self._cache = KVCache(manifest.caches)
-        self._in_place = manifest.kv_layout == KV_SHARED_BUFFER  # the graph writes the cache itself
-        self._prompt_cache = PromptCache(self._cache, manifest.sliding_window, rings=not self._in_place)
+        self._in_place = manifest.kv_layout in KV_IN_PLACE  # the graph writes the cache itself
+        self._prompt_cache = PromptCache(self._cache, manifest.sliding_window, sliding=_SLIDING_BUFFERS[manifest.kv_layout])
         self._outputs = ["logits", *self._cache.output_names()]
         # io_binding=False: plain session.run with a feed dict and fresh outputs per step (the
         # loop before IOBinding, kept for benchmarks: bench/decode_profile.py --loop feeds).
@@ -130,7 +132,7 @@ class Model:
         self._symbolic_chunk = embeds is not None and len(embeds.shape) == 3 and isinstance(embeds.shape[1], str)
         if self._in_place and not self._symbolic_chunk:
             # padding rows would be written into the buffers, past the valid positions
-            raise ManifestError(f"kv_layout {KV_SHARED_BUFFER} needs a decoder with a symbolic chunk length")
+            raise ManifestError(f"kv_layout {manifest.kv_layout} needs a decoder with a symbolic chunk length")
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -427,6 +429,8 @@ class Model:
     def _forward(self, ids: np.ndarray, position: int, chunk: int, soft=None) -> np.ndarray:
         """Logits [1, V] of the last valid id; the KV rows of the valid ids are stored. With
         IOBinding the logits are the binding's buffer, valid until the next call."""
+        if self._in_place:  # never padded: the op would take padding rows for tokens and keep them
+            chunk = int(ids.size)
         if self._binding is None:
             return self._forward_feeds(ids, position, chunk, soft)
         valid = int(ids.size)
@@ -479,6 +483,9 @@ class Model:
 
 # ---- load-time checks ------------------------------------------------------------------------
 
+# how each kv_layout keeps its sliding layers' buffers (prompt_cache.PromptCache)
+_SLIDING_BUFFERS = {KV_BLOCKS: "rings", KV_SHARED_BUFFER: "linear", KV_SHARED_WINDOWED: "windowed"}
+
 
 def _check_manifest(m: Manifest) -> None:
     """Catch an export this runtime would misread before anything is hashed or loaded."""
@@ -507,10 +514,16 @@ def _check_manifest(m: Manifest) -> None:
                 f"num_layers * dim = {pli.num_layers * pli.dim}"
             )
     for spec in m.caches:
-        if m.kv_layout == KV_SHARED_BUFFER and spec.length < m.max_context:
+        linear = m.kv_layout == KV_SHARED_BUFFER or (m.kv_layout == KV_SHARED_WINDOWED and spec.kind == "global")
+        if linear and spec.length < m.max_context:
             raise ManifestError(
-                f"kv_layout {KV_SHARED_BUFFER}: the cache of layer {spec.layer} holds {spec.length} positions, "
+                f"kv_layout {m.kv_layout}: the cache of layer {spec.layer} holds {spec.length} positions, "
                 f"fewer than max_context {m.max_context} (its buffers are linear)"
+            )
+        if m.kv_layout == KV_SHARED_WINDOWED and spec.kind == "sliding" and spec.length < (m.sliding_window or 0):
+            raise ManifestError(
+                f"kv_layout {m.kv_layout}: the sliding cache of layer {spec.layer} holds {spec.length} positions, "
+                f"fewer than the window {m.sliding_window}"
             )
         if spec.kind == "global" and spec.length < m.max_context:
             raise ManifestError(

@@ -7,8 +7,10 @@ its longest common prefix with `ids` only where that is exact:
 - it diverges at L < len(ids) (a re-rendered chat turn whose answer re-tokenizes differently,
   or an answer cut by a stop string): global caches can roll back freely (slots >= position are
   masked), but a sliding ring has overwritten older positions with newer ones, so rolling back
-  is exact only while every overwritten slot is one the graph masks anyway (see `_ring_rewinds`).
-  Otherwise the ring buffers saved at the end of the last prompt's prefill (a `mark`, copied
+  is exact only while every overwritten slot is one the graph masks anyway (see `_ring_rewinds`);
+  GroupQueryAttention's windowed buffers (kv_layout "shared_buffer_windowed") roll back exactly
+  while no shift of the window happened in between (`_window_rewinds`).
+  Otherwise the sliding buffers saved at the end of the last prompt's prefill (a `mark`, copied
   once per generation) restore the state at that point, if the new prompt shares it;
 - else: a full prefill.
 
@@ -24,15 +26,21 @@ import numpy as np
 
 from .kv_cache import KVCache
 
+SLIDING_BUFFERS = ("rings", "linear", "windowed")
+
 
 class PromptCache:
-    def __init__(self, cache: KVCache, sliding_window: int | None, rings: bool = True):
-        """rings=False: sliding caches are linear buffers (kv_layout "shared_buffer"), which
-        roll back like global ones."""
+    def __init__(self, cache: KVCache, sliding_window: int | None, sliding: str = "rings"):
+        """sliding: how the sliding caches keep their rows: "rings" (slot = position mod length,
+        kv_layout "past_and_new_blocks"), "linear" (slot = position, "shared_buffer": they roll
+        back like global ones) or "windowed" (the op's compacted window, "shared_buffer_windowed")."""
+        if sliding not in SLIDING_BUFFERS:
+            raise ValueError(f"sliding buffers {sliding!r} are not one of {SLIDING_BUFFERS}")
         self.cache = cache
         self.window = sliding_window
         self.ids: list[int] = []
-        self._rings = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"] if rings else []
+        self._windowed = sliding == "windowed"
+        self._rings = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"] if sliding != "linear" else []
         self._mark_len: int | None = None
         self._mark_keys: list[np.ndarray] = []
         self._mark_values: list[np.ndarray] = []
@@ -54,7 +62,7 @@ class PromptCache:
         keep = min(common, len(prompt) - 1)
         if keep <= 0:
             return 0
-        if keep == n or self._ring_rewinds(n, keep):
+        if keep == n or self._rewinds(n, keep):
             return keep
         if self._mark_len is not None and self._mark_len <= keep:
             return self._mark_len
@@ -66,7 +74,7 @@ class PromptCache:
         if keep == 0:
             self.cache.reset()
             self._mark_len = None
-        elif keep < n and not self._ring_rewinds(n, keep):
+        elif keep < n and not self._rewinds(n, keep):
             assert keep == self._mark_len, "plan() chose this"
             for j, i in enumerate(self._rings):
                 np.copyto(self.cache.keys[i], self._mark_keys[j])
@@ -91,6 +99,20 @@ class PromptCache:
             np.copyto(self._mark_values[j], self.cache.values[i])
         self._mark_len = len(self.ids)
 
+    def _rewinds(self, n: int, keep: int) -> bool:
+        return self._window_rewinds(n, keep) if self._windowed else self._ring_rewinds(n, keep)
+
+    def _window_rewinds(self, n: int, keep: int) -> bool:
+        """True when every windowed buffer, after n tokens, holds the state after keep tokens:
+        its rows start at the same position (no shift in between), so the rows of positions >= keep
+        lie past the resident count and are not read."""
+        for i in self._rings:
+            capacity = self.cache.specs[i].length
+            window = min(self.window or capacity, capacity)
+            if n - resident_rows(n, capacity, window) != keep - resident_rows(keep, capacity, window):
+                return False
+        return True
+
     def _ring_rewinds(self, n: int, keep: int) -> bool:
         """True when every ring, after holding positions < n, is exact for positions < keep.
 
@@ -105,3 +127,12 @@ class PromptCache:
             if worst >= 0 and worst > keep - window:
                 return False
         return True
+
+
+def resident_rows(tokens: int, capacity: int, window: int) -> int:
+    """Rows a windowed cache of `capacity` rows holds after `tokens` tokens (onnxruntime's
+    GroupQueryAttention contract for sliding_window_cache; gemma_export/model/gqa.py emits it)."""
+    if tokens <= capacity:
+        return tokens
+    reclaim = capacity - window + 1
+    return tokens - reclaim * -(-(tokens - capacity) // reclaim)
