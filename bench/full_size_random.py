@@ -4,7 +4,7 @@ transformers loaded with the same random weights (same thread count, one run), a
 agree: fp32 exports against the parity budget, quantized ones as greedy top-1 agreement.
 
     python bench/full_size_random.py --variant e2b --quant int4 --work /tmp/full [--threads 4]
-        [--prompt-tokens 128] [--steps 32] [--reuse] [--rtn]
+        [--prompt-tokens 128] [--steps 32] [--reuse] [--rtn] [--cold]
 
 Measured 2026-12-01 on the lent 16-core machine (E2B-shaped random weights, --rtn, --threads 4, a
 128-token prompt + 32 greedy steps, max context 4096):
@@ -88,17 +88,31 @@ def _child(args, role: str, out: Path) -> dict:
     """Run this script as `role` in a fresh process; it prints one JSON line and saves logits."""
     cmd = [sys.executable, __file__, "--role", role, "--variant", args.variant, "--work", str(args.work),
            "--quant", args.quant, "--prompt-tokens", str(args.prompt_tokens), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--cold"] if args.cold else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{role} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _evict(folder: Path) -> None:
+    """Drop the folder's files from the page cache (as on a device that has just received them):
+    right after an export the kernel holds them in large folios, and a memory-mapped table then
+    maps a whole folio around every row it reads, which counts in the resident set."""
+    for f in folder.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _ours(args, out: Path) -> dict:
     """Teacher-forced: prefill the prompt, then `steps` greedy steps; logits saved for agreement."""
     from gemma_runtime import Model
 
+    if args.cold:
+        _evict(out)
     start = time.perf_counter()
     model = Model.load(out, threads=args.threads)
     load_s = time.perf_counter() - start
@@ -177,6 +191,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="use the export already in --work")
     ap.add_argument("--rtn", action="store_true", help="export with plain round-to-nearest scales: the same files, "
                     "graph and speed, minutes faster (random weights gain nothing from the scale search)")
+    ap.add_argument("--cold", action="store_true", help="evict the export's files from the page cache before our "
+                    "runtime loads it (a device that has just received the folder)")
     ap.add_argument("--role", choices=("ours", "eager"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = args.work / f"{args.variant}-{args.quant}"
