@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import checkpoints
-from gemma_export.model.gqa import CUSTOM_TRANSLATION, group_query_attention, resident_rows
+from gemma_export.model.gqa import CUSTOM_TRANSLATION, group_query_attention
+from gemma_runtime.prompt_cache import resident_rows
 from gemma_runtime import Model
 from gemma_runtime.errors import ContextLengthError
 

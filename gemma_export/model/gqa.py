@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import onnx
 import onnxscript
 import torch
+from gemma_runtime.prompt_cache import resident_rows  # the op's windowed layout, shared with the runtime
 
 
 def _schema() -> onnx.defs.OpSchema:
@@ -65,16 +66,6 @@ def windowed_capacity(window: int, max_context: int) -> int | None:
     if window <= 0 or window >= max_context:
         return None
     return min(window + max(1, window // WINDOW_SLACK_DIVISOR), max_context)
-
-
-def resident_rows(tokens: int, capacity: int, window: int) -> int:
-    """How many of the most recent positions a windowed cache holds after `tokens` tokens
-    (onnxruntime's contract for sliding_window_cache: a function of the count alone, so the
-    layout does not depend on how the tokens were split into chunks)."""
-    if tokens <= capacity:
-        return tokens
-    reclaim = capacity - window + 1
-    return tokens - reclaim * -(-(tokens - capacity) // reclaim)
 
 
 @dataclass(frozen=True)
