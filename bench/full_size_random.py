@@ -29,6 +29,17 @@ on disk; decode ours 9.89 tokens/s, eager 2.76 (3.58x); prefill 67.1 vs 48.4 (1.
 rescored, passes/rescore.py) on another lease: decode 9.86 vs eager 3.33 (2.96x), peak RSS 3.60
 GiB (the int8 rows are mapped from the data file, and the pages that the gathers touch stay).
 
+Rerun 2026-12-02 on this 2-core machine (--threads 2 --steps 16, our runtime only: eager E2B needs
+42 GiB): export 195 s, peak RSS 3.86 GiB. Our runtime's peak RSS 3.26 GiB before the host tables
+were advised MADV_RANDOM (runtime/gemma_runtime/tables.py: the per-layer table's resident pages
+after 144 random ids 114 MiB), 3.14 after; 3.06 with --cold. With the int4 recipe's `other`
+weights in int8 (recipes.int4): export 213 s, 3.81 GiB; runtime peak 3.03 GiB, 2.86 with --cold
+(after load 2.58: 2.30 anonymous), decode 11.1-12.4 tokens/s against 10.0-10.2 before. What the
+2.86 GiB holds: onnxruntime's prepacked MatMulNBits weights (MLP 4-bit with scales and block sums
+~1.05 GiB, the int8 LM head 0.56, attention 0.34, `other` ~0.1), the affine MLP offsets (0.18 GiB
+float, mapped from decoder.data and prepacked again), the KV cache (96 MiB), the prefill's
+activations (~0.2 GiB at the peak).
+
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
 Not a test: eager E2B in fp32 needs ~22 GB of memory, and an fp32 export ~20 GB of disk.
