@@ -18,7 +18,7 @@ The whole 270M int4 `--lm-head 4` export, windowed against linear (bench/compare
 of 5 interleaved runs, 128 new tokens, same greedy tokens): decode 0.955x after a 128-token prompt
 (the window not yet full: the op's windowed path costs a little more there), 1.047x after 1024,
 prefill 0.97x / 1.11x; the KV cache at 4096 positions 144 -> 41 MiB (`gemma-export bench` peak
-RSS 672 MiB in stop 12's run, 578 in this one).
+RSS 672 MiB in the last stop's run of the linear one, 578 in this one).
 
 Rotary runs inside the op (do_rotary, rotate-half) from [max_context, head_dim/2] tables, at
 positions seqlens_k + 1 - T .. seqlens_k. The chunk is never padded on these targets (T is
