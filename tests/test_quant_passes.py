@@ -21,6 +21,7 @@ from gemma_export.passes import TensorStore, blockwise, quantize_matmuls
 from gemma_export.passes import matmuls
 from gemma_export.passes.logits import all_positions_logits
 from gemma_export.recipes import Recipe, WeightFormat, make_recipe
+from gemma_runtime.prompt_cache import resident_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import MAX_CONTEXT, PREFILL_CHUNK  # noqa: E402
@@ -178,6 +179,31 @@ def test_scale_search_never_worse_than_round_to_nearest():
         rtn = blockwise.quantize(w, 4, 32, symmetric, search=False, affine=affine).rel_error
         searched = blockwise.quantize(w, 4, 32, symmetric, search=True, affine=affine).rel_error
         assert searched <= rtn * 0.999
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(bits=16), WeightFormat(bits=4, symmetric=False, affine=True),
+                                 WeightFormat(bits=8)], ids=["fp16", "int4-affine", "int8"])
+def test_one_weight_read_by_two_matmuls_gets_unique_node_names(fmt):
+    """The tiny Gemma 3n's AltUp router is one initializer that predict and correct both read:
+    its quantized nodes must not share names (onnxruntime refuses such a graph)."""
+    rng = np.random.default_rng(6)
+    k, n = 64, 16
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    scope = "['', 'decoder', 'decoder.layers.0.mlp.up_proj', 'linear']"
+    nodes = [helper.make_node("MatMul", [x, "w"], [y], name=f"mm_{x}") for x, y in (("x1", "y1"), ("x2", "y2"))]
+    for node in nodes:
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scope)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "T", k]) for x in ("x1", "x2")],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, "T", n]) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(w, "w")])
+    q = quantize_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), _mlp_recipe(fmt), TensorStore())
+    names = [node.name for node in q.graph.node]
+    assert len(names) == len(set(names)), names
+    x1, x2 = (rng.standard_normal((1, 3, k)).astype(np.float32) for _ in range(2))
+    y1, y2 = _run(q, {"x1": x1, "x2": x2})
+    tol = 0.02 if fmt.bits == 16 else 0.25
+    for y, x in ((y1, x1), (y2, x2)):
+        assert np.abs(y - x @ w).max() <= tol * np.abs(x @ w).max()
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat(bits=16), WeightFormat(bits=4, symmetric=False, affine=True),
@@ -343,7 +369,15 @@ def test_quantized_decoder_equals_its_dequantized_reference(tiny, tmp_path, fami
             feeds[name] = rng.standard_normal(value.shape).astype(np.float32)
     got = _run(q, feeds)
     want = _run(_dequantized_graph(out), feeds)
-    for g, w in zip(got, want):
+    # a windowed sliding cache's rows past the resident ones are the op's scratch (unspecified)
+    tokens = int(feeds["position"][0]) + PREFILL_CHUNK
+    rows = {c["new_key"]: c for c in manifest["caches"]} | {c["new_value"]: c for c in manifest["caches"]}
+    names = [o.name for o in q.graph.output]
+    for name, g, w in zip(names, got, want):
+        spec = rows.get(name)
+        if manifest["kv_layout"] == "shared_buffer_windowed" and spec is not None and spec["kind"] == "sliding":
+            held = resident_rows(tokens, spec["length"], manifest["sliding_window"])
+            g, w = g[:, :, :held], w[:, :, :held]
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
 
 

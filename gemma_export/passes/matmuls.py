@@ -197,10 +197,13 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             rescoring = rescore_nodes(w, rescore, stem, store) if rescore else None
             if rescoring is not None:
                 replaced[wm.weight] += rescoring.tensors
-            for i in wm.nodes:
+            for reader, i in enumerate(wm.nodes):
                 old = graph.node[i]
                 new_nodes[i] = []
                 outs = []
+                # node names must be unique: a weight read by two MatMuls (Gemma 3n's AltUp router,
+                # used by predict and correct) gets one set of nodes per reader
+                tag = "" if reader == 0 else f"/reader{reader}"
                 # with rescoring, the quantized head makes the approximate logits (passes/rescore.py)
                 head_out = f"{old.output[0]}/approx" if rescoring is not None else old.output[0]
                 for p, (name, (a, e), (tensors, part_offsets)) in enumerate(zip(names, parts, written)):
@@ -211,18 +214,18 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                         attrs["accuracy_level"] = fmt.accuracy_level
                     y = out_p if part_offsets is None else f"{out_p}/symmetric"
                     node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
-                                            name=f"/{name}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+                                            name=f"/{name}{tag}/MatMulNBits", domain=MS_DOMAIN, **attrs)
                     node.metadata_props.extend(old.metadata_props)
                     new_nodes[i].append(node)
                     if part_offsets is not None:
                         xs = block_sums.of(old.input[0], k, fmt.block_size)
                         share = f"{out_p}/offsets"
                         new_nodes[i] += [
-                            helper.make_node("MatMul", [xs, part_offsets.name], [share], name=f"/{name}/offsets/MatMul"),
-                            helper.make_node("Add", [y, share], [out_p], name=f"/{name}/offsets/Add"),
+                            helper.make_node("MatMul", [xs, part_offsets.name], [share], name=f"/{name}{tag}/offsets/MatMul"),
+                            helper.make_node("Add", [y, share], [out_p], name=f"/{name}{tag}/offsets/Add"),
                         ]
                 if len(parts) > 1:
-                    new_nodes[i].append(helper.make_node("Concat", outs, [head_out], name=f"/{stem}/Concat", axis=-1))
+                    new_nodes[i].append(helper.make_node("Concat", outs, [head_out], name=f"/{stem}{tag}/Concat", axis=-1))
                 if rescoring is not None:
                     new_nodes[i] += rescoring.nodes(old.input[0], head_out, old.output[0])
         del w
