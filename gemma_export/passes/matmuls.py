@@ -20,6 +20,11 @@ bench/int4_kernels.py):
     sum_b s_b x_b.(q_b - zp_b) = sum_b s_b x_b.(q_b - 8) + sum_b (sum x_b) s_b (8 - zp_b),  O = s (8 - zp)
 
 xs (the block sums of x) is computed once per input tensor and shared by the projections that read it.
+O stays float32. Tried 2026-12-02 and not kept: O as an 8-bit MatMulNBits (blocks of 32 along
+n_blocks, the weight's accuracy level). It cut E2B's runtime peak RSS by 0.12 GiB (O is mapped from
+the data file and prepacked again), and moved 270M decode by +1.5% and prefill by -2 to -4%. But
+Gemma 3 270M int4 fell from 90.92% / 0.0308 / 1.0246 to 90.67% / 0.0317 / 1.0272 (2048 tokens,
+top-1 / KL / ppl ratio), close to tests/test_quant_real.py's floor.
 
 A weight whose packed B reaches SPLIT_FROM_BYTES (a large LM head) is cut along N into column parts, each
 its own MatMulNBits (plus offsets), their outputs joined by a Concat on the last axis: onnxruntime
