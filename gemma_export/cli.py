@@ -52,6 +52,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-only", action="store_true",
                    help="multimodal Gemma 3n checkpoints: skip the vision and audio encoders (no vision.onnx/audio.onnx; "
                    "the export then takes text only)")
+    p.add_argument("--calibration-media", type=Path, metavar="DIR",
+                   help="NPU targets (qnn-htp), multimodal Gemma 3n: a folder of images and audio files that the "
+                   "encoders' activation ranges are recorded on (default: $GEMMA_EXPORT_CALIBRATION_MEDIA, "
+                   "else a built-in synthetic image and clip)")
     p.add_argument("--graph-passes", metavar="NAMES",
                    help="graph passes on decoder.onnx after quantization: comma-separated names "
                    "(passes/graph_passes.py: ort-fusions) or none; default: the target's (cpu: ort-fusions)")
@@ -80,7 +84,7 @@ def _export(argv: list[str]) -> int:
     plan = make_plan(ExportRequest(
         variant=args.variant, checkpoint=args.checkpoint, revision=args.revision, quant=args.quant,
         target=args.target, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-        random_weights=args.random_weights, text_only=args.text_only,
+        random_weights=args.random_weights, text_only=args.text_only, calibration_media=args.calibration_media,
         recipe_options=RecipeOptions(block_size=args.block_size, symmetric=args.symmetric, accuracy_level=args.accuracy_level,
                                      lm_head_bits=args.lm_head_bits, lm_head_rescore=args.lm_head_rescore, scale_search=args.scale_search, tables=args.tables,
                                      affine=args.affine),

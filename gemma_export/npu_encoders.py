@@ -86,16 +86,17 @@ class CalibrationMedia:
 
 
 def calibration_media(folder: Path | None = None, scratch: Path | None = None) -> CalibrationMedia:
-    """The media in `folder` (default: $GEMMA_EXPORT_CALIBRATION_MEDIA), up to MAX_MEDIA images and
+    """The media in `folder` (--calibration-media; default: $GEMMA_EXPORT_CALIBRATION_MEDIA), up to MAX_MEDIA images and
     clips by name; without a folder, a synthetic image and clip written into `scratch` (a smooth
     colour field with edges and noise, a voiced harmonic signal with noise): weaker than real media,
     which a real checkpoint's export should be given."""
+    given = "--calibration-media"
     if folder is None and os.environ.get(MEDIA_ENV):
-        folder = Path(os.environ[MEDIA_ENV])
+        folder, given = Path(os.environ[MEDIA_ENV]), MEDIA_ENV
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
-            raise ExportError(f"calibration media folder {folder} does not exist ({MEDIA_ENV})")
+            raise ExportError(f"calibration media folder {folder} does not exist ({given})")
         files = sorted(p for p in folder.iterdir() if p.is_file())
         images = tuple(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_MEDIA]
         clips = tuple(p for p in files if p.suffix.lower() in AUDIO_SUFFIXES)[:MAX_MEDIA]

@@ -125,7 +125,8 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
             from .npu_encoders import write_npu_encoders
 
             encoder_graphs, hard_rows, encoders_record = write_npu_encoders(
-                plan.encoders, plan.tensors, plan.aux_files, staging, progress, target.activations)
+                plan.encoders, plan.tensors, plan.aux_files, staging, progress, target.activations,
+                media=plan.calibration_media)
         with progress.step("writing host tables (float32)"):
             tables = write_host_tables(variant, plan.tensors, staging, "float32", embed_overrides=hard_rows)
         tokenizer_files = []

@@ -71,6 +71,9 @@ class ExportPlan:
     # encoders are exported too (encoders.py); None for text models and under --text-only
     encoders: dict | None = None
     text_only: bool = False  # --text-only was asked for (recorded in provenance)
+    # npu_encoders.CalibrationMedia from --calibration-media; None: $GEMMA_EXPORT_CALIBRATION_MEDIA
+    # or the built-in synthetic media
+    calibration_media: object | None = None
     # graph passes by name (passes/graph_passes.py) run on decoder.onnx after quantization;
     # None: the target's (targets/*.toml `passes`)
     graph_passes: tuple[str, ...] | None = None

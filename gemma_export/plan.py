@@ -34,6 +34,9 @@ class ExportRequest:
     ffn_dims: str | tuple[int, ...] | None = None  # or a custom slice
     skip_layers: str | tuple[int, ...] | None = None
     text_only: bool = False  # Gemma3nForConditionalGeneration: skip the vision and audio encoders
+    # NPU targets, multimodal Gemma 3n: the images and audio files the encoders' activation ranges
+    # are recorded on (npu_encoders.calibration_media; default $GEMMA_EXPORT_CALIBRATION_MEDIA)
+    calibration_media: Path | None = None
 
 
 # What this version builds: one decoder graph (symbolic chunk) with float or MatMulNBits weights,
@@ -74,6 +77,13 @@ def _check_request(req: ExportRequest) -> None:
         raise ExportError("--random-weights needs --variant (which full-size shape to build)")
     if req.variant:
         named_variant(req.variant)  # unknown names fail here, before any download
+    if req.calibration_media is not None:
+        if load_target(req.target).weights.format != "qdq":
+            raise ExportError(f"--calibration-media calibrates the activations of QDQ encoder graphs: --target {req.target} "
+                              f"has none (it applies to NPU targets such as qnn-htp)")
+        from .npu_encoders import calibration_media
+
+        calibration_media(req.calibration_media)  # a missing folder or one without media fails here
 
 
 def _default_source(variant_name: str) -> str:
@@ -108,11 +118,20 @@ def make_plan(req: ExportRequest) -> ExportPlan:
         raise ExportError(f"--max-context {req.max_context} exceeds the model's max_position_embeddings ({limit})")
     recipe = make_recipe(req.quant, req.recipe_options)
     check_recipe_fits(recipe, contraction_dims(variant))
+    encoders = _encoder_config(variant, config, req.text_only)
+    media = None
+    if req.calibration_media is not None:
+        if encoders is None:
+            raise ExportError("--calibration-media: this export has no vision or audio encoder to calibrate "
+                              "(a text model, or --text-only)")
+        from .npu_encoders import calibration_media
+
+        media = calibration_media(req.calibration_media)
     return ExportPlan(
         variant=variant, tensors=tensors, aux_files=aux, source=source, source_hashes=hashes,
         quant=recipe.name, target=req.target, max_context=req.max_context, prefill_chunk=req.prefill_chunk,
         recipe=recipe, matformer=matformer, text_only=req.text_only,
-        encoders=_encoder_config(variant, config, req.text_only),
+        encoders=encoders, calibration_media=media,
     )
 
 

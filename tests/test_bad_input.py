@@ -209,3 +209,39 @@ def test_prompt_longer_than_the_context(tiny):
     with pytest.raises(ContextLengthError) as info:
         model.generate_ids(list(range(3, 83)), 4)
     assert "80" in str(info.value) and "64" in str(info.value)
+
+
+# ---- --calibration-media (NPU encoders) ------------------------------------------------------------
+
+
+def _media_folder(root: Path, image: bool = True, audio: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if image:
+        (root / "photo.jpg").write_bytes(b"\xff\xd8 not read by the checks")
+    if audio:
+        (root / "speech.wav").write_bytes(b"RIFF not read by the checks")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "does not exist"), ("no-audio", "one audio file"), ("cpu-target", "QDQ encoder graphs"),
+    ("text-model", "no vision or audio encoder"),
+])
+def test_calibration_media_refused_before_anything_is_written(gemma3_ckpt, tmp_path, capsys, case, words):
+    media = (tmp_path / "nowhere" if case == "missing" else
+             _media_folder(tmp_path / "m", audio=case != "no-audio"))
+    target = [] if case == "cpu-target" else ["--target", "qnn-htp"]
+    msg = export_fails(capsys, tmp_path / "work", "--checkpoint", str(gemma3_ckpt), *target, "--calibration-media", str(media))
+    assert words in msg and (case == "cpu-target" or case == "text-model" or str(media) in msg), msg
+
+
+def test_calibration_media_reaches_the_encoders_plan(multimodal, tmp_path):
+    from gemma_export.plan import ExportRequest, make_plan
+
+    checkpoint = multimodal[1].parent / "checkpoint"  # tests/multimodal_checkpoint.py's layout
+    media = _media_folder(tmp_path / "m")
+    plan = make_plan(ExportRequest(checkpoint=str(checkpoint), target="qnn-htp", calibration_media=media))
+    assert plan.encoders is not None
+    assert plan.calibration_media.images == (media / "photo.jpg",) and plan.calibration_media.clips == (media / "speech.wav",)
+    assert str(media) in plan.calibration_media.source
