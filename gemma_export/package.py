@@ -48,6 +48,9 @@ DECODER_DATA = "decoder.data"
 # onnxruntime release that first ran our opset-18 float graphs; quantized recipes raise it
 # (Recipe.min_onnxruntime: MatMulNBits)
 MIN_ONNXRUNTIME = "1.17"
+# GroupQueryAttention's sliding_window_cache (model/gqa.py) first shipped in onnxruntime 1.29
+# (its attribute is in 1.29's library, not in 1.28's): an older one cannot load the graph
+KV_LAYOUT_MIN_ONNXRUNTIME = {"shared_buffer_windowed": "1.29"}
 # per-tensor weight errors kept in provenance["quant_recipe"]["largest_errors"]
 _REPORTED_TENSORS = 8
 
@@ -143,6 +146,11 @@ def _token_ids(variant: Variant, aux_files: dict[str, Path], encoders: dict | No
                     **media)
 
 
+def min_onnxruntime(recipe: Recipe, layout: str) -> str:
+    """The oldest onnxruntime that runs an export of this recipe and KV layout (the runtime checks it)."""
+    return max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, KV_LAYOUT_MIN_ONNXRUNTIME.get(layout, MIN_ONNXRUNTIME), key=_version_key)
+
+
 def _provenance(plan: ExportPlan, quant_report, encoders: dict | None = None) -> dict:
     import onnx
     import onnxruntime
@@ -156,7 +164,7 @@ def _provenance(plan: ExportPlan, quant_report, encoders: dict | None = None) ->
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
         "opset": OPSET,
-        "min_onnxruntime": max(MIN_ONNXRUNTIME, plan.recipe.min_onnxruntime, key=_version_key),
+        "min_onnxruntime": min_onnxruntime(plan.recipe, kv_layout(plan.variant, plan.max_context, export_attention(plan))),
         "source": plan.source,
         "source_files_sha256": plan.source_hashes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -384,7 +392,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         provenance = dict(base.provenance)
         if graph_record is not None:
             provenance["graph_passes"] = graph_record
-        provenance["min_onnxruntime"] = max(MIN_ONNXRUNTIME, recipe.min_onnxruntime, key=_version_key)
+        provenance["min_onnxruntime"] = min_onnxruntime(recipe, base.kv_layout)
         provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration}
         if encoders_record:
             provenance["encoders"] = encoders_record

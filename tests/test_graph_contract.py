@@ -56,6 +56,9 @@ def test_cache_is_read_in_place(family, tiny, tmp_path):
         return
     windowed = manifest["kv_layout"] == "shared_buffer_windowed"
     assert windowed == (family != "gemma")  # Gemma has no sliding layers
+    # sliding_window_cache exists from onnxruntime 1.29: the runtime refuses older ones by this
+    needs = tuple(int(x) for x in manifest["provenance"]["min_onnxruntime"].split("."))
+    assert (needs >= (1, 29)) == windowed, needs
     assert consumers == {"GroupQueryAttention": len(manifest["caches"])}, consumers
     dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
