@@ -314,3 +314,29 @@ def test_a_graph_the_htp_cannot_take_is_a_one_line_error(npu_export, tmp_path, c
     printed = capsys.readouterr().err.strip()
     assert printed.count("\n") == 0 and "cannot run all of decode.onnx" in printed
     NpuModel.load(out, provider="cpu", threads=1)  # the CPU provider takes it
+
+
+def test_qnn_context_cache_is_compiled_once_and_reused(npu_export, tmp_path, monkeypatch):
+    """graph_cache on qnn: the first load compiles each graph into an EP context under the cache
+    folder, the second opens those (no HTP compilation), and both generate what a plain load does."""
+    pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed")
+    import onnx
+
+    from gemma_runtime.integrity import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out, _ = npu_export("gemma3_sw8")
+    first = NpuModel.load(out, threads=1, graph_cache=True)
+    assert first.session_source == "EP context compiled and saved"
+    entries = sorted((tmp_path / "cache" / "contexts").iterdir())
+    assert len(entries) == 2  # prefill and decode, no staging folder left
+    for entry in entries:
+        ops = {n.op_type for n in onnx.load(str(entry / "model_ctx.onnx"), load_external_data=False).graph.node}
+        assert ops == {"EPContext"}, ops  # the whole graph is on the HTP
+    second = NpuModel.load(out, threads=1, graph_cache=True)
+    assert second.session_source == "cached EP context"
+    for session in second.sessions.values():
+        assert session.get_providers()[0] == QNN
+    plain = NpuModel.load(out, threads=1)
+    prompt = _prompt(5, PREFILL_CHUNK + 3)
+    assert second.generate_ids(prompt, max_new_tokens=3) == plain.generate_ids(prompt, max_new_tokens=3)

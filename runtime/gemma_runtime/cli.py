@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"execution provider: {', '.join(PROVIDERS)} (default: the export's target)")
     d.add_argument("--threads", type=_positive, default=None, metavar="N", help="onnxruntime intra-op threads")
     d.add_argument("--graph-cache", action="store_true",
-                   help="cache onnxruntime's optimized graph outside the export folder (costs a copy of the weights)")
+                   help="cache onnxruntime's optimized graph outside the export folder (costs a copy of the weights); "
+                   "on qnn, the HTP's compiled EP contexts (later loads skip the compilation)")
     p.add_argument("--stats", action="store_true", help="print timings to stderr after the completion")
     return p
 

@@ -37,7 +37,7 @@ from .manifest import Manifest, ManifestError, read_manifest
 from .model import Model, _check_manifest, _check_onnxruntime_version
 from .npu_inputs import host_inputs
 from .providers import _BY_ORT_NAME, resolve_provider
-from .session_cache import graph_cache_key, open_session
+from .session_cache import graph_cache_key, open_compiled_session, open_session
 from .tables import HostTableReader
 
 GRAPHS = ("prefill", "decode")
@@ -126,9 +126,10 @@ class NpuModel(Model):
     @classmethod
     def load(cls, path: str | Path, provider: str | None = None, threads: int | None = None,
              graph_cache: bool = False, io_binding: bool = True) -> "NpuModel":
-        """As Model.load. graph_cache works with the cpu provider only (a QNN graph is compiled by
-        the provider; onnxruntime cannot save it as an optimized graph). io_binding is accepted
-        for Model.load's signature; the NPU loop feeds each step's inputs by name."""
+        """As Model.load. graph_cache: on the cpu provider onnxruntime's optimized graph; on a
+        compiling plugin provider (qnn) its compiled EP context (session_cache.open_compiled_session),
+        so that a later load skips the HTP's graph compilation. io_binding is accepted for
+        Model.load's signature; the NPU loop feeds each step's inputs by name."""
         folder = Path(path)
         manifest = read_manifest(folder)
         check_npu_manifest(manifest)
@@ -136,10 +137,7 @@ class NpuModel(Model):
         provider = resolve_provider(provider, manifest.target, manifest.providers)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
-        plugin = _BY_ORT_NAME.get(provider) is not None and _BY_ORT_NAME[provider].plugin is not None
-        if graph_cache and plugin:
-            raise InvalidArgumentError(
-                f"graph_cache (--graph-cache) is not available for {provider}: it compiles the NPU graphs itself")
+        plugin = _BY_ORT_NAME[provider].plugin if provider in _BY_ORT_NAME else None
         verify_files(folder, manifest.files)  # before any session or memory map
         defaults = read_generation_defaults(folder)
         embed = HostTableReader.open(folder, "embed_tokens", manifest.tables["embed_tokens"])
@@ -152,8 +150,10 @@ class NpuModel(Model):
             spec = manifest.graphs[graph]
             key = None
             if graph_cache:
-                key = graph_cache_key(manifest.files[spec.file], manifest.files.get(spec.data_file), provider)
-            sessions[graph], source = _open(folder / spec.file, provider, threads, key)
+                # a plugin's compiled context depends on the plugin's version too
+                extra = {"plugin": f"{plugin}=={_distribution_version(plugin)}"} if plugin else {}
+                key = graph_cache_key(manifest.files[spec.file], manifest.files.get(spec.data_file), provider, **extra)
+            sessions[graph], source = _open(folder / spec.file, provider, threads, key, compiled=plugin is not None)
             check_npu_session(graph, sessions[graph], manifest)
             sources.add(source)
         source = " / ".join(sorted(sources))
@@ -164,8 +164,20 @@ class NpuModel(Model):
         return self._npu.forward(ids, position, soft)
 
 
-def _open(path: Path, provider: str, threads: int | None, key: str | None) -> tuple[ort.InferenceSession, str]:
+def _distribution_version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _open(path: Path, provider: str, threads: int | None, key: str | None,
+          compiled: bool = False) -> tuple[ort.InferenceSession, str]:
+    try:
+        if compiled and key is not None:
+            return open_compiled_session(path, provider, threads, key)
         return open_session(path, provider, threads, key)
     except ProviderError:
         raise

@@ -63,10 +63,11 @@ def _create(path: Path, options: ort.SessionOptions, provider: str) -> ort.Infer
     return session
 
 
-def graph_cache_key(graph_sha256: str, data_sha256: str | None, provider: str) -> str:
+def graph_cache_key(graph_sha256: str, data_sha256: str | None, provider: str, **extra: str) -> str:
+    """extra: what else the cached file depends on (an EP context: the plugin EP's version)."""
     parts = {
         "graph": graph_sha256, "data": data_sha256, "onnxruntime": ort.__version__, "provider": provider,
-        "level": str(OPT_LEVEL), "machine": platform.machine(), "processor": platform.processor(),
+        "level": str(OPT_LEVEL), "machine": platform.machine(), "processor": platform.processor(), **extra,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -123,3 +124,48 @@ def open_session(path: Path, provider: str, threads: int | None, cache_key: str 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+CONTEXTS = "contexts"
+CONTEXT_MODEL = "model_ctx.onnx"
+
+
+def open_compiled_session(path: Path, provider: str, threads: int | None, cache_key: str,
+                          cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
+    """(session, how it was made) for a compiling provider (QNN): from the provider's compiled EP
+    context, kept under <cache dir>/contexts/<key>/. The first load compiles the graph with
+    onnxruntime's ModelCompiler (QNN writes its context binary beside the EPContext model) and
+    later loads open that, skipping the provider's graph compilation. An unwritable cache falls
+    back to a plain session; an unusable cached context is rebuilt, with a warning."""
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CONTEXTS
+    entry = root / cache_key
+    if (entry / "done").is_file():
+        try:
+            return _create(entry / CONTEXT_MODEL, _options(threads), provider), "cached EP context"
+        except ProviderError:
+            raise
+        except GemmaRuntimeError as err:
+            warnings.warn(f"the cached EP context {entry} is unusable ({err}); rebuilding it", stacklevel=3)
+            shutil.rmtree(entry, ignore_errors=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
+    except OSError:  # an unwritable cache must not stop the model from running
+        return _create(path, _options(threads), provider), "graph"
+    try:
+        options = _options(threads)
+        configure_session(options, provider)
+        try:
+            ort.ModelCompiler(options, str(path)).compile_to_file(str(staging / CONTEXT_MODEL))
+        except Exception as err:  # onnxruntime raises its own types
+            raise GemmaRuntimeError(
+                f"onnxruntime {ort.__version__} cannot compile {path.name} for {provider}: {str(err).strip().splitlines()[0]}"
+            ) from err
+        (staging / "done").write_text(json.dumps({"source": str(path), "onnxruntime": ort.__version__}))
+        try:
+            os.replace(staging, entry)
+        except OSError:  # another process saved it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return _create(entry / CONTEXT_MODEL, _options(threads), provider), "EP context compiled and saved"
