@@ -135,8 +135,9 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
     """(session, how it was made) for a compiling provider (QNN): from the provider's compiled EP
     context, kept under <cache dir>/contexts/<key>/. The first load compiles the graph with
     onnxruntime's ModelCompiler (QNN writes its context binary beside the EPContext model) and
-    later loads open that, skipping the provider's graph compilation. An unwritable cache falls
-    back to a plain session; an unusable cached context is rebuilt, with a warning."""
+    later loads open that, skipping the provider's graph compilation (real Gemma 3 270M qnn-htp
+    export: 13.7 s -> 0.6 s, 521 MiB of contexts; bench/qnn_context_load.py). An unwritable cache
+    falls back to a plain session; an unusable cached context is rebuilt, with a warning."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CONTEXTS
     entry = root / cache_key
     if (entry / "done").is_file():
