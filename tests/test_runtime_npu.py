@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,9 +35,9 @@ from gemma_runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, read_
 from gemma_runtime.npu_decoder import NpuModel, load_model
 from gemma_runtime.npu_inputs import host_inputs
 
-# a sliding ring (= the chunk) and global-only MQA; the tiny Gemma 3n (per-layer inputs, KV sharing)
-# with GEMMA_TEST_NPU_GEMMA3N=1, as in tests/test_qnn.py (its export takes minutes on 2 cores)
-FAMILIES = ("gemma3_sw8", "gemma") + (("gemma3n",) if os.environ.get("GEMMA_TEST_NPU_GEMMA3N") == "1" else ())
+# a sliding ring (= the chunk), global-only MQA, and the tiny Gemma 3n (per-layer inputs, KV
+# sharing), as in tests/test_qnn.py (its export is shared with that file: tests/npu_exports.py)
+FAMILIES = ("gemma3_sw8", "gemma", "gemma3n")
 QNN = "QNNExecutionProvider"
 COS_SIN_ATOL = 6e-8  # one float32 step at 1: the runtime's cos/sin (float64, rounded) against torch's float32 ones
 
