@@ -104,10 +104,8 @@ def open_session(path: Path, provider: str, threads: int | None, cache_key: str 
             shutil.rmtree(entry, ignore_errors=True)
     options = _options(threads)
     options.graph_optimization_level = OPT_LEVEL
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
-    except OSError:  # an unwritable cache must not stop the model from running
+    staging = _staging(root, cache_key)
+    if staging is None:  # an unwritable cache must not stop the model from running
         return _create(path, _options(threads), provider), "graph"
     try:
         options.optimized_model_filepath = str(staging / "model.onnx")
@@ -115,11 +113,7 @@ def open_session(path: Path, provider: str, threads: int | None, cache_key: str 
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.log_severity_level = 3  # quiet the "hardware specific optimizations" notice: the key has the machine
         session = _create(path, options, provider)
-        (staging / "done").write_text(json.dumps({"source": str(path), "onnxruntime": ort.__version__}))
-        try:
-            os.replace(staging, entry)
-        except OSError:  # another process saved it first
-            shutil.rmtree(staging, ignore_errors=True)
+        _publish(staging, entry, path)
         return session, "graph, optimized graph saved"
     finally:
         if staging.exists():
@@ -148,10 +142,8 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
         except GemmaRuntimeError as err:
             warnings.warn(f"the cached EP context {entry} is unusable ({err}); rebuilding it", stacklevel=3)
             shutil.rmtree(entry, ignore_errors=True)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
-    except OSError:  # an unwritable cache must not stop the model from running
+    staging = _staging(root, cache_key)
+    if staging is None:  # an unwritable cache must not stop the model from running
         return _create(path, _options(threads), provider), "graph"
     try:
         options = _options(threads)
@@ -162,11 +154,26 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
             raise GemmaRuntimeError(
                 f"onnxruntime {ort.__version__} cannot compile {path.name} for {provider}: {str(err).strip().splitlines()[0]}"
             ) from err
-        (staging / "done").write_text(json.dumps({"source": str(path), "onnxruntime": ort.__version__}))
-        try:
-            os.replace(staging, entry)
-        except OSError:  # another process saved it first
-            pass
+        _publish(staging, entry, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _create(entry / CONTEXT_MODEL, _options(threads), provider), "EP context compiled and saved"
+
+
+def _staging(root: Path, cache_key: str) -> Path | None:
+    """A fresh folder beside the entry to build it in, or None where the cache cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=root, prefix=f".{cache_key}-"))
+    except OSError:
+        return None
+
+
+def _publish(staging: Path, entry: Path, source: Path) -> None:
+    """The built folder becomes the cache entry in one rename (marked done first); if another
+    process saved the entry first, the staging folder is left for the caller to remove."""
+    (staging / "done").write_text(json.dumps({"source": str(source), "onnxruntime": ort.__version__}))
+    try:
+        os.replace(staging, entry)
+    except OSError:  # another process saved it first
+        pass
