@@ -89,7 +89,7 @@ class _Runner:
         import onnxruntime as ort
         from gemma_runtime.integrity import verify_files
         from gemma_runtime.kv_cache import KVCache
-        from gemma_runtime.manifest import read_manifest
+        from gemma_runtime.manifest import KV_IN_PLACE, read_manifest
         from gemma_runtime.tables import HostTableReader
 
         from .passes.calibrate import calibration_variant
@@ -124,7 +124,7 @@ class _Runner:
         self.cache = KVCache(m.caches)
         # "shared_buffer(_windowed)": the graph returns whole updated buffers, and takes no padding (its
         # GroupQueryAttention would write padding rows into them); chunks run at their own length
-        self.in_place = m.kv_layout in ("shared_buffer", "shared_buffer_windowed")
+        self.in_place = m.kv_layout in KV_IN_PLACE
         self.outputs = ["logits", *self.cache.output_names()]
         # MatMul inputs to observe: fetched as outputs, except graph inputs (onnxruntime refuses
         # those as outputs; Gemma 3n's AltUp and per-layer projections read inputs_embeds): from the feeds

@@ -14,6 +14,8 @@ import onnx
 import torch
 from torch import nn
 
+from gemma_runtime.manifest import KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED
+
 from .model.gqa import CUSTOM_TRANSLATION, windowed_capacity
 from .model.text import GROUP_QUERY, TWO_BLOCK, TextDecoder
 from .variants import SLIDING, Variant
@@ -25,7 +27,6 @@ CHUNK_DIM = "T"
 # manifest kv_layout per attention form (DESIGN.md, KV cache; runtime manifest.CacheSpec): the
 # group-query graph's sliding layers keep the op's windowed buffers where the window is shorter
 # than the context ("shared_buffer_windowed"), else every buffer is linear ("shared_buffer")
-KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED = "past_and_new_blocks", "shared_buffer", "shared_buffer_windowed"
 
 
 def _windowed(variant: Variant, layer: int, max_context: int) -> int | None:

@@ -67,6 +67,13 @@ class HostTable:
     row_bytes: int | None = None
 
 
+# kv_layout values (CacheSpec says what each means); the shared-buffer ones are written by the
+# graph in place. gemma-export writes them from here too.
+KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED = "past_and_new_blocks", "shared_buffer", "shared_buffer_windowed"
+KV_LAYOUTS = (KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
+KV_IN_PLACE = (KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """One KV buffer pair the runtime owns, for the layer `layer` that produces it.

@@ -35,7 +35,7 @@ from .errors import (
 from .generation_config import GenerationDefaults, read_generation_defaults
 from .integrity import verify_files
 from .kv_cache import KVCache
-from .manifest import Manifest, ManifestError, read_manifest
+from .manifest import KV_BLOCKS, KV_IN_PLACE, KV_LAYOUTS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED, Manifest, ManifestError, read_manifest
 from .multimodal import MediaEncoders, as_list, collect_media, expand_placeholders
 from .prompt_cache import PromptCache
 from .providers import resolve_provider
@@ -44,10 +44,6 @@ from .session_cache import graph_cache_key, open_session
 from .stop_strings import StopStrings, check_stop_strings
 from .tables import HostTableReader
 
-# manifest.CacheSpec says what each means; the shared-buffer ones are written by the graph in place
-KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED = "past_and_new_blocks", "shared_buffer", "shared_buffer_windowed"
-KV_LAYOUTS = (KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
-KV_IN_PLACE = (KV_SHARED_BUFFER, KV_SHARED_WINDOWED)
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.

@@ -40,7 +40,7 @@ class PromptCache:
         self.window = sliding_window
         self.ids: list[int] = []
         self._windowed = sliding == "windowed"
-        self._rings = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"] if sliding != "linear" else []
+        self._sliding = [i for i, s in enumerate(cache.specs) if s.kind == "sliding"] if sliding != "linear" else []
         self._mark_len: int | None = None
         self._mark_keys: list[np.ndarray] = []
         self._mark_values: list[np.ndarray] = []
@@ -76,7 +76,7 @@ class PromptCache:
             self._mark_len = None
         elif keep < n and not self._rewinds(n, keep):
             assert keep == self._mark_len, "plan() chose this"
-            for j, i in enumerate(self._rings):
+            for j, i in enumerate(self._sliding):
                 np.copyto(self.cache.keys[i], self._mark_keys[j])
                 np.copyto(self.cache.values[i], self._mark_values[j])
         if self._mark_len is not None and self._mark_len > keep:
@@ -89,12 +89,12 @@ class PromptCache:
 
     def mark(self) -> None:
         """Remember the rings as they are now (end of a prompt's prefill)."""
-        if not self._rings:
+        if not self._sliding:
             return
         if not self._mark_keys:
-            self._mark_keys = [np.empty_like(self.cache.keys[i]) for i in self._rings]
-            self._mark_values = [np.empty_like(self.cache.values[i]) for i in self._rings]
-        for j, i in enumerate(self._rings):
+            self._mark_keys = [np.empty_like(self.cache.keys[i]) for i in self._sliding]
+            self._mark_values = [np.empty_like(self.cache.values[i]) for i in self._sliding]
+        for j, i in enumerate(self._sliding):
             np.copyto(self._mark_keys[j], self.cache.keys[i])
             np.copyto(self._mark_values[j], self.cache.values[i])
         self._mark_len = len(self.ids)
@@ -106,7 +106,7 @@ class PromptCache:
         """True when every windowed buffer, after n tokens, holds the state after keep tokens:
         its rows start at the same position (no shift in between), so the rows of positions >= keep
         lie past the resident count and are not read."""
-        for i in self._rings:
+        for i in self._sliding:
             capacity = self.cache.specs[i].length
             window = min(self.window or capacity, capacity)
             if n - resident_rows(n, capacity, window) != keep - resident_rows(keep, capacity, window):
@@ -120,7 +120,7 @@ class PromptCache:
         sees slots as positions in (q - window, q), and the stale slot reads as p - S; both the
         lost and the stale position are invisible iff p - S < 0 or p - S <= keep - window.
         """
-        for i in self._rings:
+        for i in self._sliding:
             length = self.cache.specs[i].length
             window = min(self.window or length, length)
             worst = n - 1 - length  # the largest p - S
