@@ -95,7 +95,7 @@ class Model:
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
                  embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
                  defaults: GenerationDefaults | None = None, session_source: str = "graph",
-                 threads: int | None = None, io_binding: bool = True):
+                 threads: int | None = None, io_binding: bool = True, graph_cache: bool = False):
         # Use Model.load: it checks the folder before anything is built.
         self.folder = folder
         self.manifest = manifest
@@ -122,7 +122,7 @@ class Model:
         self._tokenizer = None
         self._template: ChatTemplate | None = None
         self._generation = 0  # bumped per call, so a stale stream cannot use a reset cache
-        self._media = MediaEncoders(folder, manifest, provider, threads)
+        self._media = MediaEncoders(folder, manifest, provider, threads, graph_cache=graph_cache)
         self._cache_has_media = False  # the cached rows came from a call with images/audio
         embeds = next((t for t in manifest.graphs["decoder"].inputs if t.name == "inputs_embeds"), None)
         self._symbolic_chunk = embeds is not None and len(embeds.shape) == 3 and isinstance(embeds.shape[1], str)
@@ -168,7 +168,8 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
-        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding)
+        return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding,
+                   graph_cache=graph_cache)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next call prefills from scratch."""
@@ -325,6 +326,12 @@ class Model:
     def loaded_encoders(self) -> tuple[str, ...]:
         """The encoder graphs with a session so far ("vision", "audio")."""
         return self._media.loaded
+
+    @property
+    def encoder_sources(self) -> dict[str, str]:
+        """Encoder graph -> how its session was made, as session_source says for the decoder
+        ("graph"; with graph_cache on qnn "EP context compiled and saved" | "cached EP context")."""
+        return dict(self._media.sources)
 
     def _generate(self, prompt_ids: Sequence[int], max_new_tokens: int | None,
                   config: SamplingConfig = SamplingConfig(), reuse_cache: bool = False,

@@ -52,11 +52,19 @@ class MediaEncoders:
     """The vision and audio sessions of an export, each created when first needed, on the model's
     provider: for an NPU export (gemma-export --target qnn-htp: static QDQ encoder graphs) the qnn
     provider with onnxruntime's CPU fallback off, so a graph the HTP cannot take whole is a
-    ProviderError on first use; or --provider cpu, the same QDQ graphs on the CPU."""
+    ProviderError on first use; or --provider cpu, the same QDQ graphs on the CPU.
 
-    def __init__(self, folder: Path, manifest: Manifest, provider: str, threads: int | None):
+    graph_cache (Model.load's): on qnn each encoder's compiled EP context is kept in the runtime's
+    cache, as the decoder graphs' are (session_cache.open_cached_encoder_session), so a later first
+    use skips the HTP's graph preparation; on other providers the encoders are not cached.
+    `sources`: graph name -> how its session was made ("graph", "cached EP context", ...)."""
+
+    def __init__(self, folder: Path, manifest: Manifest, provider: str, threads: int | None,
+                 graph_cache: bool = False):
         self.folder, self.manifest, self.provider, self.threads = folder, manifest, provider, threads
+        self.graph_cache = graph_cache
         self._sessions: dict[str, object] = {}
+        self.sources: dict[str, str] = {}
         self._image_processor = None
 
     def has(self, kind: str) -> bool:
@@ -72,11 +80,19 @@ class MediaEncoders:
     def _session(self, kind: str):
         name = _GRAPH[kind]
         if name not in self._sessions:
-            from .session_cache import open_encoder_session
+            from .session_cache import open_cached_encoder_session, open_encoder_session, session_cache_key
 
             graph = self.manifest.graphs[name]
+            path = self.folder / graph.file
             try:
-                self._sessions[name] = open_encoder_session(self.folder / graph.file, self.provider, self.threads)
+                if self.graph_cache:
+                    files = self.manifest.files
+                    key = session_cache_key(files[graph.file], files.get(graph.data_file), self.provider)
+                    self._sessions[name], self.sources[name] = open_cached_encoder_session(
+                        path, self.provider, self.threads, key)
+                else:
+                    self._sessions[name], self.sources[name] = open_encoder_session(
+                        path, self.provider, self.threads), "graph"
             except ProviderError:
                 raise
             except GemmaRuntimeError as err:

@@ -37,7 +37,7 @@ from .manifest import Manifest, ManifestError, read_manifest
 from .model import Model, _check_manifest, _check_onnxruntime_version
 from .npu_inputs import host_inputs
 from .providers import _BY_ORT_NAME, resolve_provider
-from .session_cache import graph_cache_key, open_compiled_session, open_session
+from .session_cache import compiling_plugin, open_compiled_session, open_session, session_cache_key
 from .tables import HostTableReader
 
 GRAPHS = ("prefill", "decode")
@@ -112,13 +112,13 @@ class NpuModel(Model):
     def __init__(self, folder: Path, manifest: Manifest, sessions: Mapping[str, ort.InferenceSession],
                  embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
                  defaults: GenerationDefaults | None = None, session_source: str = "graph",
-                 threads: int | None = None):
+                 threads: int | None = None, graph_cache: bool = False):
         # Use NpuModel.load (or load_model). Model's state is built from a view of the manifest in
         # which the decode graph stands for Model's "decoder": its static T tells Model to pad
         # every prompt chunk to prefill_chunk. The step itself is _forward below.
         view = dataclasses.replace(manifest, graphs={**manifest.graphs, "decoder": manifest.graphs["decode"]})
         super().__init__(folder, view, sessions["decode"], embed, per_layer, provider, defaults, session_source,
-                         threads, io_binding=False)
+                         threads, io_binding=False, graph_cache=graph_cache)
         self.manifest = manifest
         self.sessions = dict(sessions)
         self._npu = NpuDecoder(sessions, manifest, self._cache, embed, per_layer)
@@ -128,7 +128,8 @@ class NpuModel(Model):
              graph_cache: bool = False, io_binding: bool = True) -> "NpuModel":
         """As Model.load. graph_cache: on the cpu provider onnxruntime's optimized graph; on a
         compiling plugin provider (qnn) its compiled EP context (session_cache.open_compiled_session),
-        so that a later load skips the HTP's graph compilation. io_binding is accepted for
+        so that a later load skips the HTP's graph compilation; on qnn the vision and audio encoders'
+        contexts too, when each is first used (MediaEncoders). io_binding is accepted for
         Model.load's signature; the NPU loop feeds each step's inputs by name."""
         folder = Path(path)
         manifest = read_manifest(folder)
@@ -137,7 +138,6 @@ class NpuModel(Model):
         provider = resolve_provider(provider, manifest.target, manifest.providers)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
-        plugin = _BY_ORT_NAME[provider].plugin if provider in _BY_ORT_NAME else None
         verify_files(folder, manifest.files)  # before any session or memory map
         defaults = read_generation_defaults(folder)
         embed = HostTableReader.open(folder, "embed_tokens", manifest.tables["embed_tokens"])
@@ -150,27 +150,18 @@ class NpuModel(Model):
             spec = manifest.graphs[graph]
             key = None
             if graph_cache:
-                # a plugin's compiled context depends on the plugin's version too
-                extra = {"plugin": f"{plugin}=={_distribution_version(plugin)}"} if plugin else {}
-                key = graph_cache_key(manifest.files[spec.file], manifest.files.get(spec.data_file), provider, **extra)
-            sessions[graph], source = _open(folder / spec.file, provider, threads, key, compiled=plugin is not None)
+                key = session_cache_key(manifest.files[spec.file], manifest.files.get(spec.data_file), provider)
+            sessions[graph], source = _open(folder / spec.file, provider, threads, key,
+                                            compiled=compiling_plugin(provider) is not None)
             check_npu_session(graph, sessions[graph], manifest)
             sources.add(source)
         source = " / ".join(sorted(sources))
-        return cls(folder, manifest, sessions, embed, per_layer, provider, defaults, source, threads)
+        return cls(folder, manifest, sessions, embed, per_layer, provider, defaults, source, threads,
+                   graph_cache=graph_cache)
 
     def _forward(self, ids: np.ndarray, position: int, chunk: int, soft=None) -> np.ndarray:
         # `chunk` is Model's padded length; the static graph for len(ids) decides it here
         return self._npu.forward(ids, position, soft)
-
-
-def _distribution_version(module: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(module.replace("_", "-"))
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _open(path: Path, provider: str, threads: int | None, key: str | None,

@@ -20,13 +20,14 @@ import platform
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
 
 from .errors import GemmaRuntimeError, ProviderError
 from .integrity import default_cache_dir
-from .providers import configure_session
+from .providers import _BY_ORT_NAME, configure_session
 
 GRAPHS = "graphs"
 OPT_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -72,8 +73,32 @@ def graph_cache_key(graph_sha256: str, data_sha256: str | None, provider: str, *
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def open_encoder_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
-    """A session for an encoder graph (vision.onnx, audio.onnx), which runs once per image or clip:
+def compiling_plugin(provider: str) -> str | None:
+    """The plugin EP module of a provider whose sessions are cached as compiled EP contexts (qnn's
+    onnxruntime_qnn), or None for a provider cached as an optimized graph (or not at all)."""
+    p = _BY_ORT_NAME.get(provider)
+    return None if p is None else p.plugin
+
+
+def session_cache_key(graph_sha256: str, data_sha256: str | None, provider: str) -> str:
+    """graph_cache_key of a graph on `provider`; a plugin's compiled context depends on the plugin's
+    version too."""
+    plugin = compiling_plugin(provider)
+    extra = {"plugin": f"{plugin}=={_distribution_version(plugin)}"} if plugin else {}
+    return graph_cache_key(graph_sha256, data_sha256, provider, **extra)
+
+
+def _distribution_version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(module.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _encoder_options(threads: int | None) -> ort.SessionOptions:
+    """Options for an encoder graph (vision.onnx, audio.onnx), which runs once per image or clip:
     optimizations up to EXTENDED (no NCHWc layout pass, whose reordered copies of the conv weights
     cost 1.5 GiB for the vision tower: its weights stay memory-mapped from vision.data) and no CPU
     memory arena (activations go back after each call instead of staying reserved). Measured on the
@@ -81,7 +106,24 @@ def open_encoder_session(path: Path, provider: str, threads: int | None) -> ort.
     options = _options(threads)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.enable_cpu_mem_arena = False
-    return _create(path, options, provider)
+    return options
+
+
+def open_encoder_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+    """A session for an encoder graph, with _encoder_options."""
+    return _create(path, _encoder_options(threads), provider)
+
+
+def open_cached_encoder_session(path: Path, provider: str, threads: int | None, cache_key: str,
+                                cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
+    """(session, how it was made) for an encoder graph under graph_cache: on a compiling provider
+    (qnn; compiling_plugin) from its compiled EP context, kept as the decoder graphs' are
+    (open_compiled_session, with _encoder_options); other providers keep no encoder cache (an
+    optimized graph saved at EXTENDED would be a second copy of the weights on disk, for a graph
+    that runs once per image or clip), so this is open_encoder_session's session, "graph"."""
+    if compiling_plugin(provider) is None:
+        return open_encoder_session(path, provider, threads), "graph"
+    return open_compiled_session(path, provider, threads, cache_key, cache_dir, options=_encoder_options)
 
 
 def open_session(path: Path, provider: str, threads: int | None, cache_key: str | None = None,
@@ -125,18 +167,22 @@ CONTEXT_MODEL = "model_ctx.onnx"
 
 
 def open_compiled_session(path: Path, provider: str, threads: int | None, cache_key: str,
-                          cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
+                          cache_dir: Path | None = None,
+                          options: Callable[[int | None], ort.SessionOptions] = _options,
+                          ) -> tuple[ort.InferenceSession, str]:
     """(session, how it was made) for a compiling provider (QNN): from the provider's compiled EP
     context, kept under <cache dir>/contexts/<key>/. The first load compiles the graph with
     onnxruntime's ModelCompiler (QNN writes its context binary beside the EPContext model) and
     later loads open that, skipping the provider's graph compilation (real Gemma 3 270M qnn-htp
     export: 13.7 s -> 0.6 s, 521 MiB of contexts; bench/qnn_context_load.py). An unwritable cache
-    falls back to a plain session; an unusable cached context is rebuilt, with a warning."""
+    falls back to a plain session; an unusable cached context is rebuilt, with a warning.
+    options: threads -> the session options of the compilation and of every session opened
+    (_encoder_options for the encoders)."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CONTEXTS
     entry = root / cache_key
     if (entry / "done").is_file():
         try:
-            return _create(entry / CONTEXT_MODEL, _options(threads), provider), "cached EP context"
+            return _create(entry / CONTEXT_MODEL, options(threads), provider), "cached EP context"
         except ProviderError:
             raise
         except GemmaRuntimeError as err:
@@ -144,12 +190,12 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
             shutil.rmtree(entry, ignore_errors=True)
     staging = _staging(root, cache_key)
     if staging is None:  # an unwritable cache must not stop the model from running
-        return _create(path, _options(threads), provider), "graph"
+        return _create(path, options(threads), provider), "graph"
     try:
-        options = _options(threads)
-        configure_session(options, provider)
+        compile_options = options(threads)
+        configure_session(compile_options, provider)
         try:
-            ort.ModelCompiler(options, str(path)).compile_to_file(str(staging / CONTEXT_MODEL))
+            ort.ModelCompiler(compile_options, str(path)).compile_to_file(str(staging / CONTEXT_MODEL))
         except Exception as err:  # onnxruntime raises its own types
             raise GemmaRuntimeError(
                 f"onnxruntime {ort.__version__} cannot compile {path.name} for {provider}: {str(err).strip().splitlines()[0]}"
@@ -157,7 +203,7 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
         _publish(staging, entry, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _create(entry / CONTEXT_MODEL, _options(threads), provider), "EP context compiled and saved"
+    return _create(entry / CONTEXT_MODEL, options(threads), provider), "EP context compiled and saved"
 
 
 def _staging(root: Path, cache_key: str) -> Path | None:
