@@ -1,0 +1,178 @@
+"""The cuda target on onnxruntime's CUDA provider (a benchmark for a machine with an NVIDIA GPU and
+onnxruntime-gpu; this repository's CI has neither).
+
+    python bench/cuda_provider.py [--work DIR] [--families gemma,gemma3_sw8,gemma3_sw24,gemma3n]
+        [--quants fp32,fp16,int4] [--speed gemma3-270m] [--speed-quants int4,fp16] [--json REPORT]
+
+1. Per tiny family of tests/checkpoints.py and per --quants: `gemma-export --target cuda --quant Q`
+   (max context 64, chunk 8, as the tests export), then
+   - placement: `gemma-export check`'s count of nodes per provider of a CUDA session, and which op
+     types onnxruntime left on the CPU;
+   - the runtime on cuda (`Model.load(provider="cuda")`, no fallback warning) against the same
+     graphs on the CPU provider: logits max |diff| over the prefill and 32 greedy decode steps
+     (tests/checkpoints.runtime_logits), greedy tokens equal;
+   - fp32 only: against the eager transformers model with test_parity's budget, 1e-4 * max|logits|.
+2. --speed VARIANT (random weights): `gemma-export --variant VARIANT --random-weights --target cuda
+   --quant Q`, then prefill tokens/s (a 128- and a 1024-token prompt) and decode tokens/s (128 new
+   tokens) on the CUDA provider and on the CPU provider (all cores) in the same run, as a ratio.
+
+Prints a table per part; --json writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny checkpoints
+
+NEW_TOKENS = 32
+
+
+def export(args: list[str]) -> None:
+    from gemma_export.cli import main
+
+    rc = main([*args, "--quiet"])
+    if rc != 0:
+        raise SystemExit(f"gemma-export {' '.join(args)} failed (exit {rc})")
+
+
+def placement(out: Path) -> dict:
+    """Per graph: nodes per provider of a CUDA session (`gemma-export check`), the op types left
+    to other providers, and check's problems (a failed session names its error)."""
+    from gemma_export.check import check_export
+
+    report = check_export(out, target="cuda", providers=("cuda",))
+    return {"problems": list(report.problems),
+            **{g.name: {p.provider: {"nodes": dict(p.nodes), "off": dict(p.off_provider), "error": p.error}
+                        for p in g.placements} for g in report.graphs}}
+
+
+def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str = "cuda") -> list[dict]:
+    import torch
+
+    from checkpoints import PROMPT_LEN, build, prompt_ids, reference, runtime_logits
+    from gemma_runtime import Model
+
+    rows = []
+    for family in families:
+        checkpoint = build(family, work / "checkpoints" / family)
+        eager = None
+        for quant in quants:
+            out = work / "exports" / f"{family}-{quant}"
+            if not out.exists():
+                export(["--checkpoint", str(checkpoint), "--target", "cuda", "--quant", quant,
+                        "--max-context", "64", "--prefill-chunk", "8", str(out)])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gpu = Model.load(out, provider=gpu_provider)
+            cpu = Model.load(out, provider="cpu")
+            prompt = prompt_ids()
+            t = time.perf_counter()
+            ours, tokens = runtime_logits(gpu, prompt, NEW_TOKENS)
+            gpu_s = time.perf_counter() - t
+            theirs, cpu_tokens = runtime_logits(cpu, prompt, NEW_TOKENS)
+            row = {"family": family, "quant": quant, "provider": gpu.provider,
+                   "warnings": [str(w.message) for w in caught],
+                   "max_abs_diff_vs_cpu": float(np.abs(ours - theirs).max()),
+                   "logits_abs_max": float(np.abs(theirs).max()),
+                   "tokens_equal_cpu": tokens == cpu_tokens, "gpu_seconds": gpu_s,
+                   "placement": placement(out)}
+            if quant == "fp32":
+                eager = eager or reference(family, checkpoint)
+                with torch.no_grad():
+                    full = eager(torch.tensor([prompt + tokens])).logits[0].float().numpy()
+                expected = full[PROMPT_LEN - 1:PROMPT_LEN + NEW_TOKENS]
+                diff = float(np.abs(ours - expected).max())
+                scale = max(1.0, float(np.abs(expected).max()))
+                row.update(max_abs_diff_vs_eager=diff, eager_budget=1e-4 * scale, within_budget=diff <= 1e-4 * scale)
+            rows.append(row)
+            print(_parity_line(row), flush=True)
+    return rows
+
+
+def _parity_line(row: dict) -> str:
+    line = (f"{row['family']:>12} {row['quant']:>5} on {row['provider']}: vs cpu max|diff| "
+            f"{row['max_abs_diff_vs_cpu']:.3g} (|logits| {row['logits_abs_max']:.3g}), tokens equal "
+            f"{row['tokens_equal_cpu']}")
+    if "max_abs_diff_vs_eager" in row:
+        line += f"; vs eager {row['max_abs_diff_vs_eager']:.3g} (budget {row['eager_budget']:.3g}) {'ok' if row['within_budget'] else 'OVER'}"
+    for name, g in row["placement"].items():
+        line += f"\n{'':>14}{name}: {g}"
+    if row["warnings"]:
+        line += f"\n{'':>14}warnings: {row['warnings']}"
+    return line
+
+
+def speed(work: Path, variant: str, quants: list[str], gpu_provider: str = "cuda", prompts=(128, 1024),
+          new_tokens: int = 128) -> list[dict]:
+    from gemma_runtime import Model
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for quant in quants:
+        out = work / "exports" / f"{variant}-{quant}"
+        if not out.exists():
+            t = time.perf_counter()
+            export(["--variant", variant, "--random-weights", "--target", "cuda", "--quant", quant, str(out)])
+            print(f"exported {variant} {quant} in {time.perf_counter() - t:.0f} s", flush=True)
+        for provider in (gpu_provider, "cpu"):
+            model = Model.load(out, provider=provider)
+            for n in prompts:
+                ids = rng.integers(3, model.manifest.vocab_size, size=n).tolist()
+                for _ in model.generate_ids(ids, max_new_tokens=8):  # warm-up: kernels, arena
+                    pass
+                for _ in model.generate_ids(ids, max_new_tokens=new_tokens):
+                    pass
+                s = model.last_stats
+                row = {"variant": variant, "quant": quant, "provider": model.provider, "prompt": n,
+                       "prefill_tps": s.prefill_tokens_per_second, "decode_tps": s.decode_tokens_per_second,
+                       "decoded": s.decode_tokens}
+                rows.append(row)
+                print(f"{variant} {quant} {model.provider:>22} prompt {n:>5}: prefill {row['prefill_tps']:8.1f} t/s, "
+                      f"decode {row['decode_tps']:7.1f} t/s ({s.decode_tokens} tokens)", flush=True)
+            del model
+    by = {(r["quant"], r["provider"], r["prompt"]): r for r in rows}
+    for quant in quants:
+        for n in prompts:
+            g, c = by.get((quant, "CUDAExecutionProvider", n)), by.get((quant, "CPUExecutionProvider", n))
+            if g and c:
+                print(f"{variant} {quant} prompt {n}: cuda / cpu prefill {g['prefill_tps'] / c['prefill_tps']:.2f}x, "
+                      f"decode {g['decode_tps'] / c['decode_tps']:.2f}x")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cuda-provider")
+    p.add_argument("--families", default="gemma,gemma3_sw8,gemma3_sw24,gemma3n")
+    p.add_argument("--quants", default="fp32,fp16,int4")
+    p.add_argument("--speed", default="gemma3-270m", help="variant for the speed part ('' skips it)")
+    p.add_argument("--speed-quants", default="int4,fp16")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--gpu-provider", default="cuda", help="cpu: a dry run of this script where no GPU is")
+    a = p.parse_args()
+    import onnxruntime as ort
+
+    print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}", flush=True)
+    if a.gpu_provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit("this onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu on a machine with an NVIDIA GPU")
+    report = {"onnxruntime": ort.__version__}
+    if a.families:
+        report["parity"] = parity(a.work, a.families.split(","), a.quants.split(","), a.gpu_provider)
+    if a.speed:
+        report["speed"] = speed(a.work, a.speed, a.speed_quants.split(","), a.gpu_provider)
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
