@@ -80,16 +80,15 @@ class MediaEncoders:
     def _session(self, kind: str):
         name = _GRAPH[kind]
         if name not in self._sessions:
-            from .session_cache import open_cached_encoder_session, open_encoder_session, session_cache_key
+            from .session_cache import open_cached_encoder_session, open_encoder_session
 
             graph = self.manifest.graphs[name]
             path = self.folder / graph.file
             try:
                 if self.graph_cache:
                     files = self.manifest.files
-                    key = session_cache_key(files[graph.file], files.get(graph.data_file), self.provider)
                     self._sessions[name], self.sources[name] = open_cached_encoder_session(
-                        path, self.provider, self.threads, key)
+                        path, self.provider, self.threads, files[graph.file], files.get(graph.data_file))
                 else:
                     self._sessions[name], self.sources[name] = open_encoder_session(
                         path, self.provider, self.threads), "graph"

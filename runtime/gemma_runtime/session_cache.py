@@ -31,6 +31,7 @@ from .providers import _BY_ORT_NAME, configure_session
 
 GRAPHS = "graphs"
 OPT_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+ENCODER_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # _encoder_options
 
 
 def _options(threads: int | None, profile: str | None = None) -> ort.SessionOptions:
@@ -80,11 +81,13 @@ def compiling_plugin(provider: str) -> str | None:
     return None if p is None else p.plugin
 
 
-def session_cache_key(graph_sha256: str, data_sha256: str | None, provider: str) -> str:
-    """graph_cache_key of a graph on `provider`; a plugin's compiled context depends on the plugin's
-    version too."""
+def session_cache_key(graph_sha256: str, data_sha256: str | None, provider: str,
+                      level: ort.GraphOptimizationLevel = OPT_LEVEL) -> str:
+    """graph_cache_key of a graph on `provider`. A plugin's compiled context depends on the plugin's
+    version too, and on the optimization level it was compiled at (`level`: the level of the
+    session options it is compiled with; the decoders' OPT_LEVEL, the encoders' ENCODER_LEVEL)."""
     plugin = compiling_plugin(provider)
-    extra = {"plugin": f"{plugin}=={_distribution_version(plugin)}"} if plugin else {}
+    extra = {"plugin": f"{plugin}=={_distribution_version(plugin)}", "compile_level": str(level)} if plugin else {}
     return graph_cache_key(graph_sha256, data_sha256, provider, **extra)
 
 
@@ -104,7 +107,7 @@ def _encoder_options(threads: int | None) -> ort.SessionOptions:
     memory arena (activations go back after each call instead of staying reserved). Measured on the
     full-size vision tower (bench/multimodal_rss.py): resident set after a run 2.2 -> 1.2 GiB."""
     options = _options(threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.graph_optimization_level = ENCODER_LEVEL
     options.enable_cpu_mem_arena = False
     return options
 
@@ -114,8 +117,8 @@ def open_encoder_session(path: Path, provider: str, threads: int | None) -> ort.
     return _create(path, _encoder_options(threads), provider)
 
 
-def open_cached_encoder_session(path: Path, provider: str, threads: int | None, cache_key: str,
-                                cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
+def open_cached_encoder_session(path: Path, provider: str, threads: int | None, graph_sha256: str,
+                                data_sha256: str | None, cache_dir: Path | None = None) -> tuple[ort.InferenceSession, str]:
     """(session, how it was made) for an encoder graph under graph_cache: on a compiling provider
     (qnn; compiling_plugin) from its compiled EP context, kept as the decoder graphs' are
     (open_compiled_session, with _encoder_options); other providers keep no encoder cache (an
@@ -123,7 +126,8 @@ def open_cached_encoder_session(path: Path, provider: str, threads: int | None, 
     that runs once per image or clip), so this is open_encoder_session's session, "graph"."""
     if compiling_plugin(provider) is None:
         return open_encoder_session(path, provider, threads), "graph"
-    return open_compiled_session(path, provider, threads, cache_key, cache_dir, options=_encoder_options)
+    key = session_cache_key(graph_sha256, data_sha256, provider, ENCODER_LEVEL)
+    return open_compiled_session(path, provider, threads, key, cache_dir, options=_encoder_options)
 
 
 def open_session(path: Path, provider: str, threads: int | None, cache_key: str | None = None,
@@ -176,8 +180,9 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
     later loads open that, skipping the provider's graph compilation (real Gemma 3 270M qnn-htp
     export: 13.7 s -> 0.6 s, 521 MiB of contexts; bench/qnn_context_load.py). An unwritable cache
     falls back to a plain session; an unusable cached context is rebuilt, with a warning.
-    options: threads -> the session options of the compilation and of every session opened
-    (_encoder_options for the encoders)."""
+    options: threads -> the session options of the compilation (its optimization level too: the
+    key must say it, see session_cache_key) and of every session opened (_encoder_options for the
+    encoders)."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CONTEXTS
     entry = root / cache_key
     if (entry / "done").is_file():
@@ -195,7 +200,12 @@ def open_compiled_session(path: Path, provider: str, threads: int | None, cache_
         compile_options = options(threads)
         configure_session(compile_options, provider)
         try:
-            ort.ModelCompiler(compile_options, str(path)).compile_to_file(str(staging / CONTEXT_MODEL))
+            # at the options' level, as a plain session optimizes before the provider takes the graph
+            # (ModelCompiler's own default is no optimization: the audio encoder's context then gave
+            # other rows than a plain qnn session, cosine 0.89 to it, at ORT_DISABLE_ALL)
+            compiler = ort.ModelCompiler(compile_options, str(path),
+                                         graph_optimization_level=compile_options.graph_optimization_level)
+            compiler.compile_to_file(str(staging / CONTEXT_MODEL))
         except Exception as err:  # onnxruntime raises its own types
             raise GemmaRuntimeError(
                 f"onnxruntime {ort.__version__} cannot compile {path.name} for {provider}: {str(err).strip().splitlines()[0]}"
