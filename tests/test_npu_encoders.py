@@ -219,6 +219,71 @@ def test_an_encoder_graph_the_htp_cannot_take_is_a_provider_error(multimodal, me
         encoders.encode_audio(media[1])
 
 
+# ---- the EP-context cache ----------------------------------------------------------------------
+
+
+def _context_ops(entry: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(entry / "model_ctx.onnx"), load_external_data=False).graph.node}
+
+
+def test_encoder_ep_contexts_are_compiled_once_and_reused(encoders, media, tmp_path, monkeypatch):
+    """graph_cache on qnn: the audio encoder's first use compiles its EP context into the cache
+    folder, a later MediaEncoders opens that (every node an EPContext: the HTP's graph preparation
+    skipped), and both give the rows of a plain (uncached) qnn session, bit for bit. On the cpu
+    provider graph_cache keeps no encoder cache. (The vision graph the same way, compile and reuse
+    only, is opt-in below: its HTP preparation takes minutes and an HTP run 20.)"""
+    from gemma_runtime.integrity import CACHE_ENV
+    from gemma_runtime.multimodal import MediaEncoders
+
+    folder, m = encoders
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    first = MediaEncoders(folder, m, QNN, 1, graph_cache=True)
+    compiled = first.encode_audio(media[1])
+    assert first.sources == {"audio": "EP context compiled and saved"}
+    (entry,) = (cache / "contexts").iterdir()  # one graph, no staging folder left
+    assert _context_ops(entry) == {"EPContext"}  # the whole audio tower is on the HTP
+    second = MediaEncoders(folder, m, QNN, 1, graph_cache=True)
+    cached = second.encode_audio(media[1])
+    assert second.sources == {"audio": "cached EP context"}
+    assert second._sessions["audio"].get_providers()[0] == QNN
+    assert [i.name for i in second._sessions["audio"].get_inputs()] == [t.name for t in m.graphs["audio"].inputs]
+    plain = MediaEncoders(folder, m, QNN, 1)
+    want = plain.encode_audio(media[1])
+    assert plain.sources == {"audio": "graph"}
+    np.testing.assert_array_equal(cached, want)
+    np.testing.assert_array_equal(compiled, want)
+    on_cpu = MediaEncoders(folder, m, CPU, 1, graph_cache=True)
+    on_cpu.encode_audio(media[1])
+    assert on_cpu.sources == {"audio": "graph"} and sorted(p.name for p in cache.iterdir()) == ["contexts"]
+
+
+@pytest.mark.skipif(os.environ.get("GEMMA_TEST_NPU_MULTIMODAL") != "1",
+                    reason="the vision tower's HTP graph preparation takes minutes: GEMMA_TEST_NPU_MULTIMODAL=1")
+def test_the_vision_ep_context_is_compiled_once_and_reused(encoders, tmp_path, monkeypatch):
+    """The vision graph's context, as the audio one's: compiled on first use, opened from the cache
+    after. Its rows are not compared here: an HTP run of the tower takes ~20 minutes (module doc)."""
+    from gemma_runtime.integrity import CACHE_ENV
+    from gemma_runtime.multimodal import MediaEncoders
+
+    folder, m = encoders
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    first = MediaEncoders(folder, m, QNN, 1, graph_cache=True)
+    first._session("image")
+    assert first.sources == {"vision": "EP context compiled and saved"}
+    (entry,) = (cache / "contexts").iterdir()
+    assert _context_ops(entry) == {"EPContext"}
+    second = MediaEncoders(folder, m, QNN, 1, graph_cache=True)
+    session = second._session("image")
+    assert second.sources == {"vision": "cached EP context"} and session.get_providers()[0] == QNN
+    spec = m.graphs["vision"]
+    assert [(i.name, tuple(i.shape)) for i in session.get_inputs()] == [(t.name, t.shape) for t in spec.inputs]
+    assert [(o.name, tuple(o.shape)) for o in session.get_outputs()] == [(t.name, t.shape) for t in spec.outputs]
+
+
 # ---- the audio graph's length --------------------------------------------------------------------
 
 
@@ -267,10 +332,12 @@ def test_a_short_audio_graph_pads_short_clips_and_refuses_long_ones(short_audio,
 
 @pytest.mark.skipif(os.environ.get("GEMMA_TEST_NPU_MULTIMODAL") != "1",
                     reason="the tiny Gemma 3n's static decoder graphs take minutes more: GEMMA_TEST_NPU_MULTIMODAL=1")
-def test_npu_export_with_encoders(multimodal, media, tmp_path):
+def test_npu_export_with_encoders(multimodal, media, tmp_path, monkeypatch):
     """gemma-export --target qnn-htp of the multimodal checkpoint: prefill, decode, vision, audio in
     one manifest; NpuModel fills an audio run on the HTP (CPU fallback off) with the rows of the CPU
-    provider, and an image run with provider='cpu'."""
+    provider, and an image run with provider='cpu'. With graph_cache the audio encoder's EP context
+    is kept beside the decoder graphs' and a second load opens all three from the cache."""
+    from gemma_runtime.integrity import CACHE_ENV
     from gemma_export.npu_export import write_npu_export
     from gemma_export.plan import ExportRequest, make_plan
     from gemma_export.progress import Progress
@@ -288,11 +355,17 @@ def test_npu_export_with_encoders(multimodal, media, tmp_path):
     rows = lambda folder: np.fromfile(folder / "embed_tokens.bin", dtype=np.float32).reshape(m.vocab_size, -1)
     np.testing.assert_array_equal(rows(out)[256:], rows(cpu_export)[256:])  # the hard-token rows
 
-    htp = load_model(out, provider="qnn", threads=1)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    htp = load_model(out, provider="qnn", threads=1, graph_cache=True)
     assert isinstance(htp, NpuModel)
     ids = [BOS, 30, BOA, *[AUDIO] * 188, EOA, 40, 41]
     assert 1 <= len(htp.generate_ids(ids, max_new_tokens=3, audio=[media[1]])) <= 3
     assert htp.loaded_encoders == ("audio",) and htp._media._sessions["audio"].get_providers()[0] == QNN
+    assert htp.encoder_sources == {"audio": "EP context compiled and saved"}
+    assert len(list((tmp_path / "cache" / "contexts").iterdir())) == 3  # prefill, decode, audio
+    again = load_model(out, provider="qnn", threads=1, graph_cache=True)
+    np.testing.assert_array_equal(again._media.encode_audio(media[1]), htp._media.encode_audio(media[1]))
+    assert again.session_source == "cached EP context" and again.encoder_sources == {"audio": "cached EP context"}
     on_cpu = load_model(out, provider="cpu", threads=1)
     assert _compare(on_cpu._media.encode_audio(media[1]), htp._media.encode_audio(media[1]))[1] > 0.999
     ids = [BOS, 30, BOI, *[IMAGE] * 256, EOI, 40]

@@ -337,5 +337,11 @@ def test_qnn_context_cache_is_compiled_once_and_reused(npu_export, tmp_path, mon
     for session in second.sessions.values():
         assert session.get_providers()[0] == QNN
     plain = NpuModel.load(out, threads=1)
+    assert second._media.graph_cache and not plain._media.graph_cache  # the encoders' contexts too (test_npu_encoders.py)
+    rng = np.random.default_rng(3)
+    for graph, session in second.sessions.items():  # compiled at the plain session's optimization level: same bits
+        feeds = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in session.get_inputs()}
+        for got, want in zip(session.run(None, feeds), plain.sessions[graph].run(None, feeds)):
+            np.testing.assert_array_equal(got, want)
     prompt = _prompt(5, PREFILL_CHUNK + 3)
     assert second.generate_ids(prompt, max_new_tokens=3) == plain.generate_ids(prompt, max_new_tokens=3)
