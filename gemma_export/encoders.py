@@ -56,8 +56,9 @@ def _hard_rows(embedding: torch.Tensor, hard_norm, projection: torch.Tensor, pos
 
 
 def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Path], folder: Path,
-                   progress: Progress) -> tuple[dict[str, GraphSpec], dict[int, np.ndarray]]:
-    """Writes the two encoder graphs into `folder`; returns (graph specs, embed_tokens overrides:
+                   progress: Progress, kinds: tuple[str, ...] = ("vision", "audio"),
+                   ) -> tuple[dict[str, GraphSpec], dict[int, np.ndarray]]:
+    """Writes the encoder graphs `kinds` into `folder`; returns (graph specs, embed_tokens overrides:
     first row -> hard-path rows)."""
     from .audio_graph import INPUT_NAMES, OUTPUT_NAMES, export_audio
     from .model.audio import audio_spec_from_config, load_audio_encoder
@@ -66,34 +67,36 @@ def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Pat
     from .vision_weights import hard_token_rows, load_vision
 
     graphs, overrides = {}, {}
-    vspec = vision_spec_from_config(config, image_size=_image_size(aux_files))
-    with progress.step("loading the vision tower"):
-        vision = load_vision(vspec, tensors)
-    with progress.step(f"exporting {VISION_GRAPH} + {VISION_DATA} (torch.onnx, dynamo)"):
-        write_vision(vision, folder)
-        del vision
-    vision_offset = int(config["vision_config"].get("vocab_offset", 262_144))
-    overrides[vision_offset] = hard_token_rows(vspec, tensors).numpy().astype(np.float32)
-    graphs["vision"] = GraphSpec(
-        file=VISION_GRAPH, data_file=VISION_DATA,
-        inputs=(TensorSpec(INPUT, "float32", vspec.input_shape),),
-        outputs=(TensorSpec(OUTPUT, "float32", vspec.output_shape),))
+    if "vision" in kinds:
+        vspec = vision_spec_from_config(config, image_size=_image_size(aux_files))
+        with progress.step("loading the vision tower"):
+            vision = load_vision(vspec, tensors)
+        with progress.step(f"exporting {VISION_GRAPH} + {VISION_DATA} (torch.onnx, dynamo)"):
+            write_vision(vision, folder)
+            del vision
+        vision_offset = int(config["vision_config"].get("vocab_offset", 262_144))
+        overrides[vision_offset] = hard_token_rows(vspec, tensors).numpy().astype(np.float32)
+        graphs["vision"] = GraphSpec(
+            file=VISION_GRAPH, data_file=VISION_DATA,
+            inputs=(TensorSpec(INPUT, "float32", vspec.input_shape),),
+            outputs=(TensorSpec(OUTPUT, "float32", vspec.output_shape),))
 
-    aspec = audio_spec_from_config(config)
-    with progress.step("loading the audio tower"):
-        audio = load_audio_encoder(aspec, tensors)
-    with progress.step(f"exporting {AUDIO_GRAPH} + {AUDIO_DATA} (torch.onnx, dynamo)"):
-        save_with_external_data(export_audio(audio), folder, AUDIO_GRAPH, AUDIO_DATA)
-    e = audio.embedder
-    audio_offset = int(config["audio_config"].get("vocab_offset", 262_272))
-    overrides[audio_offset] = _hard_rows(e.embedding.weight, e.hard_embedding_norm, e.embedding_projection.weight,
-                                         e.embedding_post_projection_norm)
-    del audio
-    graphs["audio"] = GraphSpec(
-        file=AUDIO_GRAPH, data_file=AUDIO_DATA,
-        inputs=(TensorSpec(INPUT_NAMES[0], "float32", aspec.input_shape),
-                TensorSpec(INPUT_NAMES[1], "bool", (1, aspec.num_frames))),
-        outputs=(TensorSpec(OUTPUT_NAMES[0], "float32", aspec.output_shape),))
+    if "audio" in kinds:
+        aspec = audio_spec_from_config(config)
+        with progress.step("loading the audio tower"):
+            audio = load_audio_encoder(aspec, tensors)
+        with progress.step(f"exporting {AUDIO_GRAPH} + {AUDIO_DATA} (torch.onnx, dynamo)"):
+            save_with_external_data(export_audio(audio), folder, AUDIO_GRAPH, AUDIO_DATA)
+        e = audio.embedder
+        audio_offset = int(config["audio_config"].get("vocab_offset", 262_272))
+        overrides[audio_offset] = _hard_rows(e.embedding.weight, e.hard_embedding_norm, e.embedding_projection.weight,
+                                             e.embedding_post_projection_norm)
+        del audio
+        graphs["audio"] = GraphSpec(
+            file=AUDIO_GRAPH, data_file=AUDIO_DATA,
+            inputs=(TensorSpec(INPUT_NAMES[0], "float32", aspec.input_shape),
+                    TensorSpec(INPUT_NAMES[1], "bool", (1, aspec.num_frames))),
+            outputs=(TensorSpec(OUTPUT_NAMES[0], "float32", aspec.output_shape),))
     return graphs, overrides
 
 
