@@ -311,6 +311,32 @@ def test_decode_steps_reuse_the_bound_buffers(tmp_path, monkeypatch):
     assert [b.ctypes.data for b in model._cache.keys + model._cache.values] == pointers
 
 
+def test_a_device_provider_binds_the_host_inputs_again_before_every_run(tmp_path, monkeypatch):
+    """On CUDA, onnxruntime copies a bound host input to the device when it is bound, not when the
+    graph runs: inputs bound once gave zero logits on an H200 (bench/cuda_provider.py). A binding
+    for a provider other than the CPU binds every input again before each run, and generates what
+    the reference does."""
+    import onnxruntime as ort
+
+    fake = Fake(per_layer=(2, 3, 20), seed=1)
+    model = Model.load(fake.write(tmp_path / "out"))
+    assert model._binding.host_inputs_rebound is False  # the CPU reads the host memory itself
+    model._binding.host_inputs_rebound = True
+    bound, runs = [], []
+    real_bind, real_run = ort.IOBinding.bind_cpu_input, ort.InferenceSession.run_with_iobinding
+    monkeypatch.setattr(ort.IOBinding, "bind_cpu_input", lambda self, name, a: bound.append(name) or real_bind(self, name, a))
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding",
+                        lambda self, b, *rest: runs.append(len(bound)) or real_run(self, b, *rest))
+    prompt = [BOS, 25, 7, 30, 21, 3, 9, 28, 14, 22, 5, 31]
+    want, _ = fake.generate(prompt, 8)
+    assert model.generate_ids(prompt, max_new_tokens=8) == want
+    inputs = {i.name for i in model._session.get_inputs()}
+    per_run = np.diff([0, *runs])
+    # the first run of each chunk length binds its inputs once when made, then again before it runs
+    assert set(per_run) <= {len(inputs), 2 * len(inputs)} and sum(per_run == len(inputs)) >= len(runs) - 3
+    assert set(bound) == inputs
+
+
 def test_stop_token_ends_generation(tmp_path):
     free, _ = Fake().generate([BOS, 4, 5, 6], 12)
     k = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # first-time token, not the first

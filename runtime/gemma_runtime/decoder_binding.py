@@ -13,6 +13,10 @@ is made; a chunk of T tokens binds views of their first T rows. One IOBinding pe
 decode, the prefill chunk, the last short chunk of a prompt): binding objects are small, the
 memory behind them is shared. A decode step then allocates nothing, copies no cache and hands
 onnxruntime the same pointers every time.
+
+On a provider whose memory is not the host's (CUDA), onnxruntime copies a host input to the device
+when it is bound, not when the graph runs: the inputs are bound again before every run
+(`host_inputs_rebound`), so each run copies the host buffers as they are then, caches included.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ChunkIO:
     new_keys: tuple[np.ndarray, ...]  # per cache [1, kvh, T, hd]
     new_values: tuple[np.ndarray, ...]
     binding: ort.IOBinding
+    inputs: tuple[tuple[str, np.ndarray], ...]  # what is bound as input, by name
 
 
 def _prefix(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -50,6 +55,7 @@ class DecoderBinding:
         """in_place: the graph's cache outputs are the whole updated buffers (kv_layout
         "shared_buffer"), bound to the cache's own memory; no new-row buffers."""
         self._session = session
+        self.host_inputs_rebound = session.get_providers()[0] != "CPUExecutionProvider"
         self._cache = cache
         self._in_place = in_place
         self._hidden = hidden
@@ -79,18 +85,19 @@ class DecoderBinding:
     def _bind(self, t: int) -> ChunkIO:
         binding = self._session.io_binding()
         embeds = _prefix(self._embeds, (1, t, self._hidden))
-        binding.bind_cpu_input("inputs_embeds", embeds)
+        inputs = [("inputs_embeds", embeds)]
         per_layer = None
         if self._per_layer is not None:
             per_layer = _prefix(self._per_layer, (1, t, *self._per_layer_dims))
-            binding.bind_cpu_input("per_layer_inputs", per_layer)
-        binding.bind_cpu_input("position", self._position)
-        binding.bind_cpu_input("valid", self._valid)
+            inputs.append(("per_layer_inputs", per_layer))
+        inputs += [("position", self._position), ("valid", self._valid)]
+        for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
+            inputs += [(spec.past_key, key), (spec.past_value, value)]
+        for name, array in inputs:
+            binding.bind_cpu_input(name, array)
         _bind_output(binding, "logits", self._logits)
         new_keys, new_values = [], []
         for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
-            binding.bind_cpu_input(spec.past_key, key)
-            binding.bind_cpu_input(spec.past_value, value)
             if self._in_place:  # present = past: onnxruntime's GroupQueryAttention writes in place
                 _bind_output(binding, spec.new_key, key)
                 _bind_output(binding, spec.new_value, value)
@@ -101,9 +108,12 @@ class DecoderBinding:
             _bind_output(binding, spec.new_key, new_keys[-1])
             _bind_output(binding, spec.new_value, new_values[-1])
         return ChunkIO(embeds, per_layer, self._position, self._valid, self._logits,
-                       tuple(new_keys), tuple(new_values), binding)
+                       tuple(new_keys), tuple(new_values), binding, tuple(inputs))
 
     def run(self, io: ChunkIO) -> None:
+        if self.host_inputs_rebound:
+            for name, array in io.inputs:
+                io.binding.bind_cpu_input(name, array)
         self._session.run_with_iobinding(io.binding)
 
 

@@ -120,6 +120,10 @@ def fallback_message(skipped: list[Provider], chosen: Provider, target: str) -> 
 _REGISTERED: set[str] = set()
 # options a plugin EP needs: QNN's HTP backend (the NPU; on x86-64 an emulator), with the graph's
 # input Quantize / output Dequantize nodes on the HTP too (QNN otherwise hands them to the CPU)
+# CUDA computes float32 MatMuls in TF32 unless told not to: a float32 export's logits then miss
+# DESIGN.md's fp32 budget by 10x (tiny Gemma on an H200: 4e-3 against 3e-4, bench/cuda_provider.py)
+_BUILTIN_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
 _PLUGIN_OPTIONS = {"onnxruntime_qnn": lambda module: {"backend_path": module.get_qnn_htp_path(),
                                                       "offload_graph_io_quantization": "0"}}
 
@@ -162,7 +166,7 @@ def configure_session(options: ort.SessionOptions, ort_name: str, cpu_fallback: 
     # a registered plugin is then listed by get_available_providers() too, but by name it would
     # start without its options (QNN: no HTP backend path): plugins always go by device
     if provider is None or provider.plugin is None or _plugin_module(provider) is None:
-        return [ort_name]
+        return [(ort_name, _BUILTIN_OPTIONS[ort_name])] if ort_name in _BUILTIN_OPTIONS else [ort_name]
     devices = _plugin_devices(provider)
     if not devices:
         raise ProviderError(f"execution provider {provider.name!r} is not installed: pip install {provider.package}")
