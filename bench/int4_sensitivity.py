@@ -140,7 +140,7 @@ def main() -> int:
 
     def logprobs(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Per chunk: log-probabilities [scored, V] of every predicted position."""
-        runner.fixed_feeds = feeds
+        runner.fixed_feeds.update(feeds)
         out = []
         for seg in segments:
             runner.reset()

@@ -74,7 +74,7 @@ def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Pat
         with progress.step(f"exporting {VISION_GRAPH} + {VISION_DATA} (torch.onnx, dynamo)"):
             write_vision(vision, folder)
             del vision
-        vision_offset = int(config["vision_config"].get("vocab_offset", 262_144))
+        vision_offset, _ = hard_token_offsets(config)
         overrides[vision_offset] = hard_token_rows(vspec, tensors).numpy().astype(np.float32)
         graphs["vision"] = GraphSpec(
             file=VISION_GRAPH, data_file=VISION_DATA,
@@ -88,7 +88,7 @@ def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Pat
         with progress.step(f"exporting {AUDIO_GRAPH} + {AUDIO_DATA} (torch.onnx, dynamo)"):
             save_with_external_data(export_audio(audio), folder, AUDIO_GRAPH, AUDIO_DATA)
         e = audio.embedder
-        audio_offset = int(config["audio_config"].get("vocab_offset", 262_272))
+        _, audio_offset = hard_token_offsets(config)
         overrides[audio_offset] = _hard_rows(e.embedding.weight, e.hard_embedding_norm, e.embedding_projection.weight,
                                              e.embedding_post_projection_norm)
         del audio
@@ -98,6 +98,13 @@ def write_encoders(config: dict, tensors: TensorSource, aux_files: dict[str, Pat
                     TensorSpec(INPUT_NAMES[1], "bool", (1, aspec.num_frames))),
             outputs=(TensorSpec(OUTPUT_NAMES[0], "float32", aspec.output_shape),))
     return graphs, overrides
+
+
+def hard_token_offsets(config: dict) -> tuple[int, int]:
+    """The first token ids of the vision and audio vocabularies, whose embed_tokens rows come from
+    the embedders' hard paths rather than the token table (a Gemma 3n config.json)."""
+    return (int(config["vision_config"].get("vocab_offset", 262_144)),
+            int(config["audio_config"].get("vocab_offset", 262_272)))
 
 
 ENCODER_FILES = {"vision": (VISION_GRAPH, VISION_DATA), "audio": (AUDIO_GRAPH, AUDIO_DATA)}

@@ -115,7 +115,29 @@ def _graph_spec(variant: Variant, plan: ExportPlan, attention: str) -> GraphSpec
         inputs += [TensorSpec(names["past_key"], "float32", past), TensorSpec(names["past_value"], "float32", past)]
         outputs += [TensorSpec(names["new_key"], "float32", new), TensorSpec(names["new_value"], "float32", new)]
     assert [t.name for t in inputs] == input_names(variant) and [t.name for t in outputs] == output_names(variant, attention)
-    return GraphSpec(file=DECODER_GRAPH, data_file=DECODER_DATA, inputs=tuple(inputs), outputs=tuple(outputs))
+    spec = GraphSpec(file=DECODER_GRAPH, data_file=DECODER_DATA, inputs=tuple(inputs), outputs=tuple(outputs))
+    return with_table_inputs(spec, plan.recipe, variant.vocab_size, h)
+
+
+def with_table_inputs(spec: GraphSpec, recipe: Recipe, vocab: int, hidden: int) -> GraphSpec:
+    """The decoder's spec plus the graph inputs that read a host table (table_bindings)."""
+    if not table_bindings(recipe):
+        return spec
+    from .passes.rescore import ROWS_INPUT, SCALES_INPUT
+
+    extra = (TensorSpec(ROWS_INPUT, "int8", (vocab, hidden)), TensorSpec(SCALES_INPUT, "float32", (vocab,)))
+    return dataclasses.replace(spec, inputs=spec.inputs + extra)
+
+
+def table_bindings(recipe: Recipe) -> dict[str, str]:
+    """manifest.table_inputs: a rescored LM head tied to the token table reads that table's rows
+    and scales (passes/rescore.py)."""
+    rows = recipe.lm_head_rows
+    if rows is None or not recipe.lm_head_rescore:
+        return {}
+    from .passes.rescore import ROWS_INPUT, SCALES_INPUT
+
+    return {ROWS_INPUT: f"{rows.table}.data", SCALES_INPUT: f"{rows.table}.scales"}
 
 
 def _caches(variant: Variant, max_context: int, attention: str = TWO_BLOCK) -> tuple[CacheSpec, ...]:
@@ -286,6 +308,7 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             provenance={**_provenance(plan, report, encoders_record), "graph_passes": graph_record},
             tokenizer_files=tuple(tokenizer_files),
             providers=load_target(plan.target).providers,
+            table_inputs=table_bindings(plan.recipe),
         )
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
@@ -398,7 +421,9 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
             provenance["encoders"] = encoders_record
         if record_source:
             provenance["quant_recipe"]["requantized_from"] = str(src)
-        manifest = dataclasses.replace(base, quant=recipe.name, tables=tables, files=files, provenance=provenance)
+        decoder = with_table_inputs(base.graphs["decoder"], recipe, base.vocab_size, base.hidden_size)
+        manifest = dataclasses.replace(base, quant=recipe.name, tables=tables, files=files, provenance=provenance,
+                                       graphs={**base.graphs, "decoder": decoder}, table_inputs=table_bindings(recipe))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest

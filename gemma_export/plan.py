@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     recipe = make_recipe(req.quant, req.recipe_options)
     check_recipe_fits(recipe, contraction_dims(variant))
     encoders = _encoder_config(variant, config, req.text_only)
+    recipe = _rows_from_token_table(recipe, variant, tensors, encoders)
     media = None
     if req.calibration_media is not None:
         if encoders is None:
@@ -133,6 +135,25 @@ def make_plan(req: ExportRequest) -> ExportPlan:
         recipe=recipe, matformer=matformer, text_only=req.text_only,
         encoders=encoders, calibration_media=media,
     )
+
+
+def _rows_from_token_table(recipe, variant: Variant, tensors, encoders: dict | None):
+    """A rescored 4-bit LM head tied to int8 token rows reads its int8 rows from that host table
+    (passes/rescore.py) instead of a second copy in decoder.data."""
+    from .recipes import HostRows
+    from .weights import EMBED_TOKENS, TEXT_PREFIX
+
+    if not recipe.lm_head_rescore or not variant.tie_word_embeddings or recipe.tables != "int8":
+        return recipe
+    rows = tensors.shape(TEXT_PREFIX[variant.architecture] + "embed_tokens.weight")[0]
+    if rows != variant.vocab_size:
+        return recipe
+    exact = rows
+    if encoders is not None:  # the image/audio rows of the table are the embedders' hard rows
+        from .encoders import hard_token_offsets
+
+        exact = min(rows, *hard_token_offsets(encoders))
+    return dataclasses.replace(recipe, lm_head_rows=HostRows(EMBED_TOKENS, math.sqrt(variant.hidden_size), exact))
 
 
 def _encoder_config(variant: Variant, config: dict, text_only: bool) -> dict | None:

@@ -8,6 +8,8 @@ tests/test_quant_real.py's int4 floor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -130,3 +132,73 @@ def test_a_4_bit_head_is_rescored_unless_told_otherwise():
         make_recipe("int4", RecipeOptions(lm_head_rescore=64))
     with pytest.raises(ExportError, match="needs a 4-bit LM head"):
         make_recipe("int4", RecipeOptions(lm_head_bits=4, lm_head_rescore=-1))
+
+
+@pytest.mark.parametrize("exact_rows", [V, V - 50], ids=["all-rows", "later-rows-not-the-head"])
+def test_rows_read_from_the_token_table_inputs(exact_rows):
+    """A head tied to the token table reads its int8 rows from graph inputs bound to that table
+    (rows x the embedding multiplier c, int8 per row): the same logits as its own int8 copy, and
+    candidates at or past `exact_rows` (Gemma 3n's hard-token rows) keep the 4-bit logit."""
+    from gemma_export.host_tables import quantize_rows_int8
+    from gemma_export.passes.rescore import ROWS_INPUT, SCALES_INPUT
+    from gemma_export.recipes import HostRows
+
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((D, V)).astype(np.float32)
+    h = rng.standard_normal((1, T, D)).astype(np.float32)
+    c = float(np.sqrt(D))
+    table_rows, table_scales = quantize_rows_int8(np.ascontiguousarray(w.T) * np.float32(c))
+    table_rows[exact_rows:] = 99  # not the head's rows: never used for its logits
+    head = WeightFormat(bits=4, block_size=16, accuracy_level=0)
+    recipe = Recipe("t", lm_head=head, lm_head_rescore=V // 2, lm_head_rows=HostRows("embed_tokens", c, exact_rows))
+    model = quantize_matmuls(_head_graph(w), recipe, TensorStore(None))
+    assert {i.name for i in model.graph.input} == {"h", ROWS_INPUT, SCALES_INPUT}
+    assert not any("rescore_rows" in t.name for t in model.graph.initializer)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"h": h, ROWS_INPUT: table_rows, SCALES_INPUT: table_scales})[0]
+    own = _run(quantize_matmuls(_head_graph(w), dataclasses.replace(recipe, lm_head_rows=None), TensorStore(None)), h)
+    approx = _run(_quantized(w, 0), h)
+    ids = np.argsort(-approx, axis=-1, kind="stable")[0, :, : V // 2]
+    head_rows = np.zeros_like(approx, dtype=bool)
+    np.put_along_axis(head_rows[0], ids, ids < exact_rows, axis=-1)
+    np.testing.assert_allclose(got[head_rows], own[head_rows], rtol=1e-4, atol=1e-4)  # c rounds a few codes
+    assert np.array_equal(got[~head_rows], approx[~head_rows])
+    assert head_rows.sum() >= T * min(V // 2, exact_rows) // 2
+
+
+def test_a_tied_export_binds_the_token_table_as_its_rows(tiny, tmp_path, monkeypatch):
+    """`--quant int4 --lm-head 4` on the tied tiny Gemma 3: no int8 copy of the head in
+    decoder.data, manifest.table_inputs names the token table's parts, and the runtime (bound
+    buffers and plain feeds alike) and eval's all-positions graph give the logits of an export
+    whose rows are its own copy."""
+    import json
+
+    import gemma_export.plan as plan_module
+    from checkpoints import prompt_ids, runtime_logits
+    from gemma_export.cli import main as export_main
+    from gemma_export.evaluate import _Runner
+    from gemma_runtime import Model
+
+    ckpt = tiny.checkpoint("gemma3_sw24")
+    args = ["--checkpoint", str(ckpt), "--quant", "int4", "--lm-head", "4", "--max-context", "64", "--prefill-chunk", "8", "--quiet"]
+    assert export_main([*args, str(tmp_path / "table")]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "_rows_from_token_table", lambda recipe, *a: recipe)
+        assert export_main([*args, str(tmp_path / "own")]) == 0
+    manifest = json.loads((tmp_path / "table" / "manifest.json").read_text())
+    assert manifest["table_inputs"] == {"lm_head_rows": "embed_tokens.data", "lm_head_row_scales": "embed_tokens.scales"}
+    assert "table_inputs" not in json.loads((tmp_path / "own" / "manifest.json").read_text())
+    vocab, hidden = manifest["vocab_size"], manifest["hidden_size"]
+    saved = (tmp_path / "own" / "decoder.data").stat().st_size - (tmp_path / "table" / "decoder.data").stat().st_size
+    assert saved >= vocab * hidden  # the int8 rows (and their scales) are no longer in decoder.data
+    prompt = prompt_ids()
+    own, own_tokens = runtime_logits(Model.load(tmp_path / "own"), prompt, 8)
+    for io_binding in (True, False):
+        got, tokens = runtime_logits(Model.load(tmp_path / "table", io_binding=io_binding), prompt, 8)
+        assert tokens == own_tokens
+        np.testing.assert_allclose(got, own, rtol=1e-3, atol=1e-3 * np.abs(own).max())
+    runner = _Runner(tmp_path / "table", threads=1)  # eval's all-positions graph, fed the table too
+    for first in range(0, len(prompt), 8):
+        rows = runner.chunk_logits(np.asarray(prompt[first:first + 8]), first, 8)
+    assert rows.shape == (len(prompt[first:]), vocab)
+    np.testing.assert_allclose(rows[-1], own[0], rtol=1e-3, atol=1e-3 * np.abs(own).max())

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .rescore import ROWS_INPUT, SCALES_INPUT
+
 LOGITS = "logits"
 
 
@@ -42,7 +44,7 @@ def all_positions_logits(model: onnx.ModelProto) -> onnx.ModelProto:
     from_valid = _depends_on(producers, "valid")
     # of activations: the LM head's rescoring (passes/rescore.py) gathers rows of a weight by
     # indices that depend on `valid` too
-    weights = {t.name for t in graph.initializer}
+    weights = {t.name for t in graph.initializer} | {ROWS_INPUT, SCALES_INPUT}  # rows may be graph inputs
     gather = next((n for n in chain if n.op_type == "Gather" and n.input[0] not in weights and from_valid(n.input[1])), None)
     if gather is None:
         raise GraphShapeError("no Gather of the last valid position found before the logits")

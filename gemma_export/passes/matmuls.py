@@ -199,9 +199,10 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             replaced[wm.weight] = [t for tensors, o in written for t in tensors + ([o] if o is not None else [])]
             rescore = recipe.lm_head_rescore if wm.tensor_class == "lm_head" else 0
             # the int8 rows are made and written once per weight, whatever number of nodes reads it
-            rescoring = rescore_nodes(w, rescore, stem, store) if rescore else None
+            rescoring = rescore_nodes(w, rescore, stem, store, recipe.lm_head_rows) if rescore else None
             if rescoring is not None:
                 replaced[wm.weight] += rescoring.tensors
+                graph.input.extend(i for i in rescoring.inputs if i.name not in {g.name for g in graph.input})
             for reader, i in enumerate(wm.nodes):
                 old = graph.node[i]
                 new_nodes[i] = []

@@ -13,8 +13,18 @@ while the step reads the 4-bit head plus K rows:
     logits = ScatterElements(approx, idx, exact, axis -1)
 
 Every op is position-wise over the leading axes, so the all-positions graph of `gemma-export eval`
-(passes/logits.py) scores the same way. The int8 rows cost V x D bytes of memory more (they are
-read only K rows a step); onnxruntime has no op that takes both formats from one tensor.
+(passes/logits.py) scores the same way. onnxruntime has no op that takes both formats from one
+tensor, so the int8 rows are a second copy of the head:
+- untied head: an initializer of the graph (V x D bytes more on disk; only the K gathered rows'
+  pages are read a step, but the data file's mapping reads ahead around each).
+- head tied to the embed_tokens host table of int8 rows (Gemma 3 270M, Gemma 3n): the table's own
+  rows, as graph inputs `lm_head_rows` [V, D] int8 and `lm_head_row_scales` [V] that the runtime
+  binds to the table's memory map (manifest.table_inputs; mapped without readahead). The table's
+  rows carry the embedding multiplier c (sqrt(H)), so the scales are divided by c; rows the table
+  holds for something else (Gemma 3n's hard image/audio tokens, from `exact_rows` on) keep the
+  4-bit logit:
+
+    ids ──Less(exact_rows)──> Where(exact, values)
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..recipes import HostRows
 from .store import TensorStore
 
 
@@ -38,17 +49,37 @@ def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+# graph inputs of rows read from the host table (manifest.table_inputs names their table parts)
+ROWS_INPUT, SCALES_INPUT = "lm_head_rows", "lm_head_row_scales"
+
+
 @dataclass(frozen=True)
 class Rescoring:
     """The int8 rows of one LM head weight and the constants its rescoring nodes read."""
 
-    tensors: list[onnx.TensorProto]  # rows, row scales, k, the two axes
+    tensors: list[onnx.TensorProto]  # initializers: k, the two axes, then (rows, row scales) or the host constants
     stem: str
+    rows: str
+    scales: str
+    host: HostRows | None = None
+    inputs: tuple[onnx.ValueInfoProto, ...] = ()  # graph inputs to add (host rows)
 
     def nodes(self, h: str, approx: str, out: str) -> list[onnx.NodeProto]:
         """Nodes that make `out` from the approximate logits `approx` of the head's input `h`."""
-        rows, scales, k_name, ax2, ax1 = (t.name for t in self.tensors)
+        rows, scales = self.rows, self.scales
+        k_name, ax2, ax1 = (t.name for t in self.tensors[:3])
         p = f"/{self.stem}/rescore/{out.strip('/')}"  # one set of names per head output
+        exact = f"{p}/exact"
+        tail = []
+        if self.host is not None:
+            inv_c, limit = (t.name for t in self.tensors[3:5])
+            tail = [
+                helper.make_node("Mul", [f"{p}/row_scales", inv_c], [f"{p}/scales"], name=f"{p}/Mul_inv_embed_scale"),
+                helper.make_node("Less", [f"{p}/ids", limit], [f"{p}/is_head_row"], name=f"{p}/Less"),
+                helper.make_node("Where", [f"{p}/is_head_row", f"{p}/exact_rows", f"{p}/values"], [exact], name=f"{p}/Where"),
+            ]
+        gathered_scales = f"{p}/row_scales" if self.host is not None else f"{p}/scales"
+        dots_scaled = f"{p}/exact_rows" if self.host is not None else exact
         return [
             helper.make_node("TopK", [approx, k_name], [f"{p}/values", f"{p}/ids"], name=f"{p}/TopK", axis=-1),
             helper.make_node("Gather", [rows, f"{p}/ids"], [f"{p}/rows_int8"], name=f"{p}/Gather_rows", axis=0),
@@ -56,24 +87,34 @@ class Rescoring:
             helper.make_node("Unsqueeze", [h, ax2], [f"{p}/h"], name=f"{p}/Unsqueeze"),
             helper.make_node("Mul", [f"{p}/rows", f"{p}/h"], [f"{p}/products"], name=f"{p}/Mul_h"),
             helper.make_node("ReduceSum", [f"{p}/products", ax1], [f"{p}/dots"], name=f"{p}/ReduceSum", keepdims=0),
-            helper.make_node("Gather", [scales, f"{p}/ids"], [f"{p}/scales"], name=f"{p}/Gather_scales", axis=0),
-            helper.make_node("Mul", [f"{p}/dots", f"{p}/scales"], [f"{p}/exact"], name=f"{p}/Mul_scales"),
-            helper.make_node("ScatterElements", [approx, f"{p}/ids", f"{p}/exact"], [out], name=f"{p}/ScatterElements",
+            helper.make_node("Gather", [scales, f"{p}/ids"], [gathered_scales], name=f"{p}/Gather_scales", axis=0),
+            *tail[:1],
+            helper.make_node("Mul", [f"{p}/dots", f"{p}/scales"], [dots_scaled], name=f"{p}/Mul_scales"),
+            *tail[1:],
+            helper.make_node("ScatterElements", [approx, f"{p}/ids", exact], [out], name=f"{p}/ScatterElements",
                              axis=-1),
         ]
 
 
-def rescore_nodes(w: np.ndarray, k: int, stem: str, store: TensorStore) -> Rescoring:
+def rescore_nodes(w: np.ndarray, k: int, stem: str, store: TensorStore, host: HostRows | None = None) -> Rescoring:
     """The rescoring of an LM head whose float weight is W [D, V]: its int8 rows written through
-    `store` once, and the nodes to place after each node that reads the head."""
-    q, scale = int8_rows(w)
+    `store` once (or, with `host`, read from the host table's rows), and the nodes to place after
+    each node that reads the head."""
     if k <= 0:
         raise ValueError(f"{stem}: rescoring {k} candidates")
-    k = min(k, q.shape[0])  # a tiny vocabulary is rescored whole
-    rows = store.write(f"{stem}.rescore_rows_int8", q)
-    scales = store.write(f"{stem}.rescore_row_scales", scale)
-    del q
+    d, v = w.shape
+    k = min(k, v)  # a tiny vocabulary is rescored whole
     consts = [numpy_helper.from_array(np.array([k], dtype=np.int64), f"{stem}.rescore_k"),
               numpy_helper.from_array(np.array([-2], dtype=np.int64), f"{stem}.rescore_axis_m2"),
               numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{stem}.rescore_axis_m1")]
-    return Rescoring([rows, scales, *consts], stem)
+    if host is not None:
+        consts += [numpy_helper.from_array(np.array(1.0 / host.scale, dtype=np.float32), f"{stem}.rescore_inv_embed_scale"),
+                   numpy_helper.from_array(np.array(host.exact_rows, dtype=np.int64), f"{stem}.rescore_exact_rows")]
+        inputs = (helper.make_tensor_value_info(ROWS_INPUT, onnx.TensorProto.INT8, [v, d]),
+                  helper.make_tensor_value_info(SCALES_INPUT, onnx.TensorProto.FLOAT, [v]))
+        return Rescoring(consts, stem, ROWS_INPUT, SCALES_INPUT, host, inputs)
+    q, scale = int8_rows(w)
+    rows = store.write(f"{stem}.rescore_rows_int8", q)
+    scales = store.write(f"{stem}.rescore_row_scales", scale)
+    del q
+    return Rescoring([*consts, rows, scales], stem, rows.name, scales.name)

@@ -51,9 +51,13 @@ def _prefix(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 class DecoderBinding:
     def __init__(self, session: ort.InferenceSession, cache: KVCache, hidden: int, vocab: int,
-                 max_chunk: int, per_layer: tuple[int, int] | None = None, in_place: bool = False):
+                 max_chunk: int, per_layer: tuple[int, int] | None = None, in_place: bool = False,
+                 fixed_inputs: tuple[tuple[str, np.ndarray], ...] = ()):
         """in_place: the graph's cache outputs are the whole updated buffers (kv_layout
-        "shared_buffer"), bound to the cache's own memory; no new-row buffers."""
+        "shared_buffer"), bound to the cache's own memory; no new-row buffers. fixed_inputs:
+        inputs that never change (host-table parts, manifest.table_inputs): bound once, and never
+        bound again, also where a device provider copies what is bound."""
+        self._fixed = fixed_inputs
         self._session = session
         self.host_inputs_rebound = session.get_providers()[0] != "CPUExecutionProvider"
         self._cache = cache
@@ -93,7 +97,7 @@ class DecoderBinding:
         inputs += [("position", self._position), ("valid", self._valid)]
         for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
             inputs += [(spec.past_key, key), (spec.past_value, value)]
-        for name, array in inputs:
+        for name, array in (*inputs, *self._fixed):
             binding.bind_cpu_input(name, array)
         _bind_output(binding, "logits", self._logits)
         new_keys, new_values = [], []

@@ -197,11 +197,18 @@ class Manifest:
     # static NPU exports (graphs "prefill" and "decode", no "decoder"): their host inputs; absent
     # from the JSON of every other export
     npu_inputs: NpuInputs | None = None
+    # decoder graph inputs that are parts of a host table, bound to its memory map once per load:
+    # input name -> "TABLE.data" (the rows, [rows, cols] of the table's dtype) or "TABLE.scales"
+    # ([rows] per_row scales). gemma-export's `--lm-head 4` reads its rescored rows from the tied
+    # embed_tokens table this way. Absent from the JSON when empty.
+    table_inputs: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
         if raw["npu_inputs"] is None:
             del raw["npu_inputs"]  # CPU/GPU manifests stay as runtimes before NPU exports read them
+        if not raw["table_inputs"]:
+            del raw["table_inputs"]
         return json.dumps(raw, indent=2, sort_keys=False)
 
     @classmethod
@@ -227,6 +234,7 @@ class Manifest:
                     "tokenizer_files": tuple(raw.get("tokenizer_files", ())),
                     "providers": tuple(raw.get("providers", ())),
                     "npu_inputs": _npu_inputs(raw["npu_inputs"]) if raw.get("npu_inputs") else None,
+                    "table_inputs": dict(raw.get("table_inputs", {})),
                 }
             )
         except (KeyError, TypeError) as err:

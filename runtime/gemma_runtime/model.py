@@ -42,12 +42,12 @@ from .providers import resolve_provider
 from .sampling import Sampler, SamplingConfig, greedy
 from .session_cache import graph_cache_key, open_session
 from .stop_strings import StopStrings, check_stop_strings
-from .tables import HostTableReader
+from .tables import HostTableReader, table_input_arrays
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_NEW_TOKENS = 128
 # Graph input/output element types this runtime feeds and reads.
-_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "bool": "tensor(bool)", "int8": "tensor(int8)"}
 # Why a generation ended (GenerationStats.stop_reason).
 STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_FULL, ABANDONED = (
     "stop_token", "stop_string", "max_new_tokens", "context_full", "abandoned")
@@ -95,7 +95,8 @@ class Model:
     def __init__(self, folder: Path, manifest: Manifest, session: ort.InferenceSession,
                  embed: HostTableReader, per_layer: HostTableReader | None, provider: str,
                  defaults: GenerationDefaults | None = None, session_source: str = "graph",
-                 threads: int | None = None, io_binding: bool = True, graph_cache: bool = False):
+                 threads: int | None = None, io_binding: bool = True, graph_cache: bool = False,
+                 table_inputs: tuple[tuple[str, np.ndarray], ...] = ()):
         # Use Model.load: it checks the folder before anything is built.
         self.folder = folder
         self.manifest = manifest
@@ -106,6 +107,7 @@ class Model:
         self._session = session
         self._embed = embed
         self._per_layer = per_layer
+        self._table_inputs = dict(table_inputs)  # graph inputs over host-table memory (manifest.table_inputs)
         self._cache = KVCache(manifest.caches)
         self._in_place = manifest.kv_layout in KV_IN_PLACE  # the graph writes the cache itself
         self._prompt_cache = PromptCache(self._cache, manifest.sliding_window, sliding=_SLIDING_BUFFERS[manifest.kv_layout])
@@ -117,7 +119,7 @@ class Model:
             pli = manifest.per_layer_inputs
             self._binding = DecoderBinding(session, self._cache, manifest.hidden_size, manifest.vocab_size,
                                            manifest.prefill_chunk, None if pli is None else (pli.num_layers, pli.dim),
-                                           in_place=self._in_place)
+                                           in_place=self._in_place, fixed_inputs=table_inputs)
         self._stop = frozenset(manifest.tokens.stop)
         self._tokenizer = None
         self._template: ChatTemplate | None = None
@@ -168,8 +170,10 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
+        readers = {"embed_tokens": embed, **({"per_layer": per_layer} if per_layer is not None else {})}
+        fixed = _table_inputs(manifest, readers)
         return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding,
-                   graph_cache=graph_cache)
+                   graph_cache=graph_cache, table_inputs=fixed)
 
     def reset(self) -> None:
         """Forget the cached conversation: the next call prefills from scratch."""
@@ -476,6 +480,7 @@ class Model:
             "position": np.array([position], dtype=np.int64),
             "valid": np.array([valid], dtype=np.int64),
             **self._cache.feeds(),
+            **self._table_inputs,
         }
         if per_layer is not None:
             feeds["per_layer_inputs"] = per_layer
@@ -559,11 +564,28 @@ def _check_onnxruntime_version(m: Manifest) -> None:
         )
 
 
+def _table_inputs(m: Manifest, readers: dict[str, HostTableReader]) -> tuple[tuple[str, np.ndarray], ...]:
+    """The arrays of manifest.table_inputs, checked against the decoder's declared inputs."""
+    arrays = table_input_arrays(m.table_inputs, readers)
+    declared = {t.name: t for t in m.graphs["decoder"].inputs}
+    for name, array in arrays:
+        spec = declared[name]  # _check_session made sure it is declared
+        if array.dtype.name != spec.dtype or tuple(array.shape) != tuple(spec.shape):
+            raise ManifestError(f"graph input {name!r} is {spec.dtype} {list(spec.shape)}, its table part "
+                                f"{m.table_inputs[name]!r} is {array.dtype.name} {list(array.shape)}: re-export")
+    return arrays
+
+
 def _check_session(session: ort.InferenceSession, m: Manifest) -> None:
     """The graph must have the inputs and outputs this runtime feeds, with the types it feeds."""
     want_in = {"inputs_embeds": "float32", "position": "int64", "valid": "int64"}
     if m.per_layer_inputs is not None:
         want_in["per_layer_inputs"] = "float32"
+    decoder_inputs = {t.name: t.dtype for t in m.graphs["decoder"].inputs}
+    for name in m.table_inputs:
+        if name not in decoder_inputs:
+            raise ManifestError(f"manifest binds {name!r} to a host table, but the decoder's manifest inputs lack it")
+        want_in[name] = decoder_inputs[name]
     want_out = {"logits": "float32"}
     for spec in m.caches:
         want_in.update({spec.past_key: "float32", spec.past_value: "float32"})

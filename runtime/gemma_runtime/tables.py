@@ -145,3 +145,24 @@ class HostTableReader:
         if self.scales is not None:
             out *= np.asarray(self.scales[ids], dtype=np.float32)[:, None]
         return out
+
+
+TABLE_PARTS = ("data", "scales")
+
+
+def table_input_arrays(table_inputs: dict[str, str], readers: dict[str, "HostTableReader"]) -> tuple[tuple[str, np.ndarray], ...]:
+    """(graph input name, read-only array over the table's memory map) for each manifest
+    `table_inputs` entry "TABLE.PART": no copy, so a graph's Gather touches only the pages of the
+    rows it reads (mapped MADV_RANDOM: no readahead around them)."""
+    arrays = []
+    for name, ref in table_inputs.items():
+        table, _, part = ref.partition(".")
+        reader = readers.get(table)
+        if reader is None or part not in TABLE_PARTS:
+            raise ManifestError(f"graph input {name!r} is bound to {ref!r}: not a part ({', '.join(TABLE_PARTS)}) "
+                                f"of a host table of this export ({', '.join(sorted(readers))})")
+        array = reader.data if part == "data" else reader.scales
+        if array is None or (part == "data" and reader.spec.dtype == "int4"):
+            raise ManifestError(f"graph input {name!r}: table {table!r} ({reader.spec.dtype}) has no {part} a graph can read")
+        arrays.append((name, array))
+    return tuple(arrays)
