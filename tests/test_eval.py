@@ -38,6 +38,7 @@ def test_eval_needs_a_tokenizer_for_text(tiny, tmp_path, capsys):
     folder = tiny.export("gemma")
     text = tmp_path / "t.txt"
     text.write_text("some text")
+    capsys.readouterr()  # building the export (when this test runs first) prints transformers' progress
     rc = export_main(["eval", str(folder), "--reference", str(folder), "--text", str(text)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "tokenizer.json" in err[0]
