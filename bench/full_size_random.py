@@ -40,6 +40,19 @@ weights in int8 (recipes.int4): export 213 s, 3.81 GiB; runtime peak 3.03 GiB, 2
 float, mapped from decoder.data and prepacked again), the KV cache (96 MiB), the prefill's
 activations (~0.2 GiB at the peak).
 
+Rerun 2026-12-02 on this 2-core machine (--threads 2 --steps 16 --cold, run back to back, our
+runtime only) with `--lm-head 4` (`gemma-export --variant e2b --random-weights --quant int4 --lm-head 4
+--rtn`: a 4-bit head of blocks of 64 whose 512 best candidates are rescored from the int8 rows of
+embed_tokens.bin, bound as graph inputs over the table's memory map): export 261 s, 4.11 GiB on
+disk (4.36 with the int8 head); peak RSS 2.64 GiB (after load 2.41: 2.05 anonymous; after prefill
+2.58; after 16 steps 2.62, of which 29 MiB of the token table's pages that the rescoring touched,
+random weights picking new candidates every step) against 3.04 GiB for the int8-head export in the
+same session. A run right after the export read 3.23 GiB: the export's dirty pages were still
+being written back, the eviction kept them, and the mappings took large folios (0.83 GiB file-
+backed after prefill); run `sync` first. MLP blocks of 64 would save ~0.27 GiB more, but on the
+270M they cost too much (`--block-size 64`: 87.3% / KL 0.062 / ppl ratio 1.074 against 91.1% /
+0.033 / 1.028 for blocks of 32, first 2048 tokens).
+
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
 Not a test: eager E2B in fp32 needs ~22 GB of memory, and an fp32 export ~20 GB of disk.
