@@ -55,45 +55,43 @@ ROWS_INPUT, SCALES_INPUT = "lm_head_rows", "lm_head_row_scales"
 
 @dataclass(frozen=True)
 class Rescoring:
-    """The int8 rows of one LM head weight and the constants its rescoring nodes read."""
+    """What the rescoring nodes of one LM head weight read: initializers to add (the constants,
+    and the int8 rows unless they come from a host table), the names of the rows and their
+    scales, and graph inputs to add (rows from a host table)."""
 
-    tensors: list[onnx.TensorProto]  # initializers: k, the two axes, then (rows, row scales) or the host constants
+    tensors: list[onnx.TensorProto]
     stem: str
     rows: str
     scales: str
     host: HostRows | None = None
-    inputs: tuple[onnx.ValueInfoProto, ...] = ()  # graph inputs to add (host rows)
+    inputs: tuple[onnx.ValueInfoProto, ...] = ()
 
     def nodes(self, h: str, approx: str, out: str) -> list[onnx.NodeProto]:
         """Nodes that make `out` from the approximate logits `approx` of the head's input `h`."""
-        rows, scales = self.rows, self.scales
-        k_name, ax2, ax1 = (t.name for t in self.tensors[:3])
+        c = f"{self.stem}.rescore"  # the constants' names (rescore_nodes)
         p = f"/{self.stem}/rescore/{out.strip('/')}"  # one set of names per head output
+        ids, values, scales = f"{p}/ids", f"{p}/values", f"{p}/scales"
         exact = f"{p}/exact"
-        tail = []
-        if self.host is not None:
-            inv_c, limit = (t.name for t in self.tensors[3:5])
-            tail = [
-                helper.make_node("Mul", [f"{p}/row_scales", inv_c], [f"{p}/scales"], name=f"{p}/Mul_inv_embed_scale"),
-                helper.make_node("Less", [f"{p}/ids", limit], [f"{p}/is_head_row"], name=f"{p}/Less"),
-                helper.make_node("Where", [f"{p}/is_head_row", f"{p}/exact_rows", f"{p}/values"], [exact], name=f"{p}/Where"),
-            ]
-        gathered_scales = f"{p}/row_scales" if self.host is not None else f"{p}/scales"
-        dots_scaled = f"{p}/exact_rows" if self.host is not None else exact
-        return [
-            helper.make_node("TopK", [approx, k_name], [f"{p}/values", f"{p}/ids"], name=f"{p}/TopK", axis=-1),
-            helper.make_node("Gather", [rows, f"{p}/ids"], [f"{p}/rows_int8"], name=f"{p}/Gather_rows", axis=0),
+        dots_scaled = exact if self.host is None else f"{p}/rescored"
+        nodes = [
+            helper.make_node("TopK", [approx, f"{c}_k"], [values, ids], name=f"{p}/TopK", axis=-1),
+            helper.make_node("Gather", [self.rows, ids], [f"{p}/rows_int8"], name=f"{p}/Gather_rows", axis=0),
             helper.make_node("Cast", [f"{p}/rows_int8"], [f"{p}/rows"], name=f"{p}/Cast", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", [h, ax2], [f"{p}/h"], name=f"{p}/Unsqueeze"),
+            helper.make_node("Unsqueeze", [h, f"{c}_axis_m2"], [f"{p}/h"], name=f"{p}/Unsqueeze"),
             helper.make_node("Mul", [f"{p}/rows", f"{p}/h"], [f"{p}/products"], name=f"{p}/Mul_h"),
-            helper.make_node("ReduceSum", [f"{p}/products", ax1], [f"{p}/dots"], name=f"{p}/ReduceSum", keepdims=0),
-            helper.make_node("Gather", [scales, f"{p}/ids"], [gathered_scales], name=f"{p}/Gather_scales", axis=0),
-            *tail[:1],
-            helper.make_node("Mul", [f"{p}/dots", f"{p}/scales"], [dots_scaled], name=f"{p}/Mul_scales"),
-            *tail[1:],
-            helper.make_node("ScatterElements", [approx, f"{p}/ids", exact], [out], name=f"{p}/ScatterElements",
-                             axis=-1),
+            helper.make_node("ReduceSum", [f"{p}/products", f"{c}_axis_m1"], [f"{p}/dots"], name=f"{p}/ReduceSum", keepdims=0),
         ]
+        if self.host is None:
+            nodes.append(helper.make_node("Gather", [self.scales, ids], [scales], name=f"{p}/Gather_scales", axis=0))
+        else:  # the table's rows carry the embedding multiplier: divide it out of their scales
+            nodes += [helper.make_node("Gather", [self.scales, ids], [f"{p}/table_scales"], name=f"{p}/Gather_scales", axis=0),
+                      helper.make_node("Mul", [f"{p}/table_scales", f"{c}_inv_embed_scale"], [scales], name=f"{p}/Mul_inv_embed_scale")]
+        nodes.append(helper.make_node("Mul", [f"{p}/dots", scales], [dots_scaled], name=f"{p}/Mul_scales"))
+        if self.host is not None:  # rows past the head's own (hard-token rows) keep the 4-bit logit
+            nodes += [helper.make_node("Less", [ids, f"{c}_exact_rows"], [f"{p}/is_head_row"], name=f"{p}/Less"),
+                      helper.make_node("Where", [f"{p}/is_head_row", dots_scaled, values], [exact], name=f"{p}/Where")]
+        nodes.append(helper.make_node("ScatterElements", [approx, ids, exact], [out], name=f"{p}/ScatterElements", axis=-1))
+        return nodes
 
 
 def rescore_nodes(w: np.ndarray, k: int, stem: str, store: TensorStore, host: HostRows | None = None) -> Rescoring:
