@@ -162,6 +162,59 @@ def _parity_line(row: dict) -> str:
     return line
 
 
+def multimodal(work: Path, quant: str, gpu_provider: str = "cuda") -> dict:
+    """The tiny multimodal Gemma 3n of the tests (tests/multimodal_checkpoint.py: full-size
+    MobileNetV5 vision tower, tiny audio tower), `--target cuda --quant QUANT`: placement of every
+    graph, and each encoder's rows on cuda against the CPU provider's on the same graphs, for one
+    synthetic image and one synthetic clip; then greedy tokens of a prompt with both."""
+    import json as _json
+
+    import multimodal_checkpoint as mm
+    from gemma_runtime import Model
+
+    ckpt = work / "checkpoints" / "multimodal"
+    if not (ckpt / "config.json").exists():
+        mm.build_model().save_pretrained(ckpt)
+        (ckpt / "preprocessor_config.json").write_text(_json.dumps({
+            "image_processor_type": "SiglipImageProcessorFast", "do_convert_rgb": None, "do_normalize": False,
+            "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 768, "width": 768}}))
+        mm.write_tokenizer(ckpt / "tokenizer.json")
+    out = work / "exports" / f"multimodal-{quant}"
+    if not out.exists():
+        t = time.perf_counter()
+        export(["--checkpoint", str(ckpt), "--target", "cuda", "--quant", quant, "--max-context", "512",
+                "--prefill-chunk", "32", str(out)])
+        print(f"exported the tiny multimodal Gemma 3n ({quant}) in {time.perf_counter() - t:.0f} s", flush=True)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 3) / 16000) + 0.05 * rng.standard_normal(16000 * 3)).astype(np.float32)
+    row = {"quant": quant, "placement": placement(out)}
+    models = {p: Model.load(out, provider=p) for p in (gpu_provider, "cpu")}
+    for kind, run in (("image", lambda m: m._media.encode_image(image)), ("audio", lambda m: m._media.encode_audio((clip, 16000)))):
+        t = time.perf_counter()
+        gpu = run(models[gpu_provider])
+        gpu_s = time.perf_counter() - t
+        t = time.perf_counter()
+        cpu = run(models["cpu"])
+        cpu_s = time.perf_counter() - t
+        cos = (gpu * cpu).sum(-1) / (np.linalg.norm(gpu, axis=-1) * np.linalg.norm(cpu, axis=-1))
+        row[kind] = {"rows": list(gpu.shape), "max_abs_diff": float(np.abs(gpu - cpu).max()), "abs_max": float(np.abs(cpu).max()),
+                     "cosine_min": float(cos.min()), "gpu_seconds": gpu_s, "cpu_seconds": cpu_s}
+        print(f"multimodal {quant} {kind}: {gpu.shape} rows, cuda vs cpu max|diff| {row[kind]['max_abs_diff']:.3g} "
+              f"(|rows| {row[kind]['abs_max']:.3g}), cosine min {row[kind]['cosine_min']:.6f}; {gpu_s:.2f} s vs {cpu_s:.2f} s", flush=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "audio", "audio": (clip, 16000)},
+                                             {"type": "text", "text": "what"}]}]
+    tokens = {p: list(mod.generate_ids(mod.chat_ids(messages), max_new_tokens=8, images=[image], audio=[(clip, 16000)]))
+              for p, mod in models.items()}
+    row["greedy_tokens_equal"] = tokens[gpu_provider] == tokens["cpu"]
+    print(f"multimodal {quant}: greedy tokens with an image and a clip equal on cuda and cpu: {row['greedy_tokens_equal']}"
+          f"\n{'':>14}placement: {row['placement']}", flush=True)
+    return row
+
+
 def speed(work: Path, variant: str, quants: list[str], gpu_provider: str = "cuda", prompts=(128, 1024),
           new_tokens: int = 128) -> list[dict]:
     from gemma_runtime import Model
@@ -207,6 +260,7 @@ def main() -> None:
     p.add_argument("--quants", default="fp32,fp16,int4")
     p.add_argument("--speed", default="gemma3-270m", help="variant for the speed part ('' skips it)")
     p.add_argument("--speed-quants", default="int4,fp16")
+    p.add_argument("--multimodal", default="int4", help="quant of the tiny multimodal export ('' skips it)")
     p.add_argument("--json", type=Path)
     p.add_argument("--gpu-provider", default="cuda", help="cpu: a dry run of this script where no GPU is")
     a = p.parse_args()
@@ -218,6 +272,8 @@ def main() -> None:
     report = {"onnxruntime": ort.__version__}
     if a.families:
         report["parity"] = parity(a.work, a.families.split(","), a.quants.split(","), a.gpu_provider)
+    if a.multimodal:
+        report["multimodal"] = multimodal(a.work, a.multimodal, a.gpu_provider)
     if a.speed:
         report["speed"] = speed(a.work, a.speed, a.speed_quants.split(","), a.gpu_provider)
     if a.json:

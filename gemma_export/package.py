@@ -36,7 +36,7 @@ from .graphs import OPSET, cache_length, cache_names, input_names, kv_layout, ou
 from .model.text import GROUP_QUERY, TWO_BLOCK, supports_group_query
 from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
-from .recipes import Recipe, fp32
+from .recipes import HostRows, Recipe, fp32
 from .resources import check_resources
 from .stream_export import export_streamed, write_decoder
 from .targets import load_target
@@ -80,6 +80,9 @@ class ExportPlan:
     # graph passes by name (passes/graph_passes.py) run on decoder.onnx after quantization;
     # None: the target's (targets/*.toml `passes`)
     graph_passes: tuple[str, ...] | None = None
+    # the LM head is tied to the token table, whose rows a rescored 4-bit head can read
+    # (recipes.HostRows; plan.py): recorded in provenance, so a requantized export can too
+    tied_rows: HostRows | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -193,6 +196,7 @@ def _provenance(plan: ExportPlan, quant_report, encoders: dict | None = None) ->
         "quant_recipe": _recipe_record(plan.recipe, quant_report),
         **({"matformer": plan.matformer} if plan.matformer else {}),
         **({"text_only": True} if plan.text_only else {}),
+        **({"tied_lm_head": dataclasses.asdict(plan.tied_rows)} if plan.tied_rows else {}),
         **({"encoders": encoders} if encoders else {}),  # per graph: "fp32" or its format and errors
     }
 
@@ -394,6 +398,9 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     check_out_folder(out)
     passes = _requantize_passes(base, graph_passes)  # None: the source's
     recipe, importance, calibration = _calibrate(src, recipe, progress)
+    tied = base.provenance.get("tied_lm_head")
+    if recipe.lm_head_rescore and recipe.tables == "int8" and recipe.lm_head_rows is None and tied:
+        recipe = dataclasses.replace(recipe, lm_head_rows=HostRows(**tied))  # as gemma-export --lm-head 4 does
     with _staging_folder(out) as staging:
         graph = base.graphs["decoder"]
         tables = dict(base.tables)

@@ -120,7 +120,9 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     recipe = make_recipe(req.quant, req.recipe_options)
     check_recipe_fits(recipe, contraction_dims(variant))
     encoders = _encoder_config(variant, config, req.text_only)
-    recipe = _rows_from_token_table(recipe, variant, tensors, encoders)
+    tied = token_table_rows(variant, tensors, encoders)
+    if tied is not None and recipe.lm_head_rescore and recipe.tables == "int8":
+        recipe = dataclasses.replace(recipe, lm_head_rows=tied)  # no second copy of the head's rows
     media = None
     if req.calibration_media is not None:
         if encoders is None:
@@ -133,27 +135,28 @@ def make_plan(req: ExportRequest) -> ExportPlan:
         variant=variant, tensors=tensors, aux_files=aux, source=source, source_hashes=hashes,
         quant=recipe.name, target=req.target, max_context=req.max_context, prefill_chunk=req.prefill_chunk,
         recipe=recipe, matformer=matformer, text_only=req.text_only,
-        encoders=encoders, calibration_media=media,
+        encoders=encoders, calibration_media=media, tied_rows=tied,
     )
 
 
-def _rows_from_token_table(recipe, variant: Variant, tensors, encoders: dict | None):
-    """A rescored 4-bit LM head tied to int8 token rows reads its int8 rows from that host table
-    (passes/rescore.py) instead of a second copy in decoder.data."""
+def token_table_rows(variant: Variant, tensors, encoders: dict | None):
+    """recipes.HostRows when the LM head is tied to the token table (its rows are the head's, times
+    sqrt(H)); None otherwise. A rescored 4-bit head then reads its int8 rows from embed_tokens.bin
+    (passes/rescore.py) when the tables are int8."""
     from .recipes import HostRows
     from .weights import EMBED_TOKENS, TEXT_PREFIX
 
-    if not recipe.lm_head_rescore or not variant.tie_word_embeddings or recipe.tables != "int8":
-        return recipe
+    if not variant.tie_word_embeddings:
+        return None
     rows = tensors.shape(TEXT_PREFIX[variant.architecture] + "embed_tokens.weight")[0]
     if rows != variant.vocab_size:
-        return recipe
+        return None
     exact = rows
     if encoders is not None:  # the image/audio rows of the table are the embedders' hard rows
         from .encoders import hard_token_offsets
 
         exact = min(rows, *hard_token_offsets(encoders))
-    return dataclasses.replace(recipe, lm_head_rows=HostRows(EMBED_TOKENS, math.sqrt(variant.hidden_size), exact))
+    return HostRows(EMBED_TOKENS, math.sqrt(variant.hidden_size), exact)
 
 
 def _encoder_config(variant: Variant, config: dict, text_only: bool) -> dict | None:

@@ -10,6 +10,7 @@ sit a little below the figures measured when they were set.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -24,7 +25,7 @@ TOKENS = 2048  # 4096 in bench/quant_quality.py; 2048 keeps this file near 3 min
 # (4096 tokens: int8 98.10% / 0.0011 / 0.998, int4 90.70% / 0.0338 / 1.022, bench/int4_kernels.py).
 # Issue targets: int8 98% / 1.01, int4 90% / 1.05.
 FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.905, 0.036, 1.03),
-          # --lm-head 4: the 4-bit head with 512 candidates rescored from int8 rows (passes/rescore.py);
+          # --lm-head 4: the 4-bit head with 512 candidates rescored from the int8 token table (passes/rescore.py);
           # measured 90.72% / 0.0345 / 1.0304 (the 4-bit head alone: ~83% / 0.09 / 1.08)
           "int4-lm-head-4": (0.90, 0.037, 1.035)}
 RECIPES = {"int8": ("int8", RecipeOptions()), "int4": ("int4", RecipeOptions()),
@@ -64,8 +65,11 @@ def test_quality_floor(scores, recipe):
 def test_sizes_shrink(exports):
     size = {k: sum(f.stat().st_size for f in v.iterdir()) for k, v in exports.items()}
     assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"]
-    # the rescoring rows are a second, int8 copy of the head: larger than int8, smaller than fp16
-    assert size["int4"] < size["int4-lm-head-4"] < size["fp16"]
+    # the tied head's rescoring rows are the token table's own (manifest.table_inputs): a 4-bit head
+    # and no second copy of its rows, smaller than the int8 head
+    assert size["int4-lm-head-4"] < size["int4"]
+    manifest = json.loads((exports["int4-lm-head-4"] / "manifest.json").read_text())
+    assert manifest["table_inputs"] == {"lm_head_rows": "embed_tokens.data", "lm_head_row_scales": "embed_tokens.scales"}
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -81,7 +85,6 @@ def test_fp16_greedy_matches_fp32(exports, prompt):
 def test_int4_is_calibrated_on_text_eval_never_reads(exports):
     """The int4 manifest records its calibration text: the tail of the docs text, far from the
     first TOKENS (and the 4096 of gemma-export eval's default) that the evaluation scores."""
-    import json
 
     from gemma_export.evaluate import DEFAULT_MAX_TOKENS, calibration_ids
 
