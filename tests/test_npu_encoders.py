@@ -304,6 +304,18 @@ def _frames(path: Path) -> int:
     return onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1].dim_value
 
 
+def test_the_short_audio_graph_runs_on_the_htp(short_audio, media):
+    """The 5 s QDQ audio graph (the length bench/npu_encoders.py runs the full-size tower at on the
+    emulator) placed whole on the HTP, CPU fallback off, with the CPU provider's rows."""
+    path = short_audio[0] / "audio.onnx"
+    feeds = _audio_feeds(media[1], _frames(path), seconds=4.0)
+    session = _session(path, QNN)
+    assert session.get_providers()[0] == QNN
+    agreement = _compare(_session(path).run(None, feeds)[0], session.run(None, feeds)[0])
+    print(f"\nHTP vs CPU (5 s audio graph), cosine mean/min, max|diff|/max|ref|: {agreement}")
+    assert agreement[1] > 0.995 and agreement[2] < 0.1
+
+
 def test_a_short_audio_graph_pads_short_clips_and_refuses_long_ones(short_audio, encoders, media):
     """MediaEncoders on an export whose audio graph takes 5 s (497 frames): a 4 s clip is padded to
     it (rows past the clip: the padding embedding), a 6 s clip is refused with the limit."""
