@@ -193,8 +193,15 @@ def test_a_tied_export_binds_the_token_table_as_its_rows(tiny, tmp_path, monkeyp
     assert saved >= vocab * hidden  # the int8 rows (and their scales) are no longer in decoder.data
     prompt = prompt_ids()
     own, own_tokens = runtime_logits(Model.load(tmp_path / "own"), prompt, 8)
-    for io_binding in (True, False):
-        got, tokens = runtime_logits(Model.load(tmp_path / "table", io_binding=io_binding), prompt, 8)
+    import gemma_runtime.decoder_binding as binding_module
+
+    for io_binding, device in ((True, None), (False, None), (True, "cpu")):
+        with monkeypatch.context() as m:
+            if device:  # a provider with memory of its own copies the rows once, as an OrtValue there
+                m.setitem(binding_module._DEVICE_MEMORY, "CPUExecutionProvider", device)
+            model = Model.load(tmp_path / "table", io_binding=io_binding)
+        assert (model._binding is not None and model._binding._fixed_on_device is not None) == bool(device)
+        got, tokens = runtime_logits(model, prompt, 8)
         assert tokens == own_tokens
         np.testing.assert_allclose(got, own, rtol=1e-3, atol=1e-3 * np.abs(own).max())
     runner = _Runner(tmp_path / "table", threads=1)  # eval's all-positions graph, fed the table too

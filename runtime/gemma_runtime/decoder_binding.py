@@ -58,6 +58,11 @@ class DecoderBinding:
         inputs that never change (host-table parts, manifest.table_inputs): bound once, and never
         bound again, also where a device provider copies what is bound."""
         self._fixed = fixed_inputs
+        # where the provider's memory is not the host's, a fixed input bound from the host would be
+        # copied once per binding (one per chunk length seen): it is copied to the device once here
+        device = _DEVICE_MEMORY.get(session.get_providers()[0])
+        self._fixed_on_device = None if device is None or not fixed_inputs else [
+            (name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)) for name, array in fixed_inputs]
         self._session = session
         self.host_inputs_rebound = session.get_providers()[0] != "CPUExecutionProvider"
         self._cache = cache
@@ -97,8 +102,10 @@ class DecoderBinding:
         inputs += [("position", self._position), ("valid", self._valid)]
         for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
             inputs += [(spec.past_key, key), (spec.past_value, value)]
-        for name, array in (*inputs, *self._fixed):
+        for name, array in (*inputs, *(self._fixed if self._fixed_on_device is None else ())):
             binding.bind_cpu_input(name, array)
+        for name, value in self._fixed_on_device or ():
+            binding.bind_ortvalue_input(name, value)
         _bind_output(binding, "logits", self._logits)
         new_keys, new_values = [], []
         for spec, key, value in zip(self._cache.specs, self._cache.keys, self._cache.values):
@@ -119,6 +126,10 @@ class DecoderBinding:
             for name, array in io.inputs:
                 io.binding.bind_cpu_input(name, array)
         self._session.run_with_iobinding(io.binding)
+
+
+# providers whose tensors live in device memory (onnxruntime's OrtValue device names)
+_DEVICE_MEMORY = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
 
 
 def _bind_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
