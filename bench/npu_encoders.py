@@ -80,6 +80,9 @@ the built-in synthetic clip; built in 131 s (30 s graph) and 82 s (5 s graph), a
   tiny tower, same clip, 5 s graph: HTP vs CPU cos min 0.99876, QDQ vs fp32 min 0.99836 (0.99959 and
           0.99930 on 2026-12-01's real speech.wav, 30 s graph): the lower floors come with the clip
           more than with the size.
+  vision stem segment, now cut at its DequantizeLinear (--parts segments, on the tests' gradient
+          JPEG: no photo.jpg here): runs, 0.25 GMAC, 4.5 s, cos min 0.99910, max |diff| 0.022
+          (|ref| 2.94): 2026-12-01's MEM_ALLOC was the float-ended segment, not its output's size
   Nothing of the full-size graph was refused. onnxruntime may log "Unsupported nodes in QNN EP:
   node_mean (ReduceMean), node_sub (Sub), ..., Transpose_token_N" (the cumulative norms' first
   ReduceMean and Sub, transposes of its NHWC layout pass) for tiny and full towers at 5 s and 30 s,
