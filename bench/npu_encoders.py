@@ -76,7 +76,7 @@ the built-in synthetic clip; built in 131 s (30 s graph) and 82 s (5 s graph), a
           conformer.0..11    6.80 GMAC each, 7.3-8.7 s, prepare 1.5-1.9 s: cos min 0.99981-0.99989,
                                         max |diff| 0.055-0.075 (|ref| 3.7-5.1)
           embedder           0.10 GMAC   0.2 s  cos min 0.99998  max |diff| 0.025 (|ref| 4.03)
-          no layer stands out: the whole graph's min 0.9982 is twelve layers' uint16 rounding
+          no layer stands out: the whole graph's min 0.9982 looks like twelve layers' rounding adding up
   tiny tower, same clip, 5 s graph: HTP vs CPU cos min 0.99876, QDQ vs fp32 min 0.99836 (0.99959 and
           0.99930 on 2026-12-01's real speech.wav, 30 s graph): the lower floors come with the clip
           more than with the size.
@@ -85,9 +85,10 @@ the built-in synthetic clip; built in 131 s (30 s graph) and 82 s (5 s graph), a
           (|ref| 2.94): 2026-12-01's MEM_ALLOC was the float-ended segment, not its output's size
   Nothing of the full-size graph was refused. onnxruntime may log "Unsupported nodes in QNN EP:
   node_mean (ReduceMean), node_sub (Sub), ..., Transpose_token_N" (the cumulative norms' first
-  ReduceMean and Sub, transposes of its NHWC layout pass) for tiny and full towers at 5 s and 30 s,
-  with the CPU fallback on or off: an intermediate partitioning pass; every node still lands on QNN
-  and the fallback-off sessions build and run.
+  ReduceMean and Sub, transposes of its NHWC layout pass; seen for the full tower's 5 s and 30 s
+  graphs and the tiny tower's 5 s graph, not on every run, with the CPU fallback on or off): an
+  intermediate partitioning pass; every node still lands on QNN and the fallback-off sessions build
+  and run.
 """
 
 from __future__ import annotations
