@@ -150,3 +150,23 @@ def test_bad_int4_layouts_are_clear_errors(tmp_path, spec, match):
     (tmp_path / "x.bin").write_bytes(bytes(16))
     with pytest.raises(ManifestError, match=match):
         HostTableReader.open(tmp_path, "embed_tokens", spec)
+
+
+def test_table_inputs_are_the_tables_own_memory_and_bad_bindings_are_clear_errors(tmp_path):
+    """manifest.table_inputs: "embed_tokens.data" / ".scales" are views of the mapped file (no copy);
+    a binding to a table or part the export lacks is a ManifestError that names it."""
+    from gemma_runtime.tables import table_input_arrays
+
+    q = np.arange(12 * 6, dtype=np.int64).reshape(12, 6).astype(np.int8)
+    scales = np.linspace(0.1, 1.2, 12, dtype=np.float32)
+    (tmp_path / "q.bin").write_bytes(q.tobytes() + scales.tobytes())
+    reader = HostTableReader.open(tmp_path, "embed_tokens", HostTable("q.bin", "int8", (12, 6), 0, "per_row", "float32", q.nbytes))
+    (name_rows, rows), (name_scales, got_scales) = table_input_arrays(
+        {"lm_head_rows": "embed_tokens.data", "lm_head_row_scales": "embed_tokens.scales"}, reader, None)
+    assert (name_rows, name_scales) == ("lm_head_rows", "lm_head_row_scales")
+    assert np.array_equal(rows, q) and np.array_equal(got_scales, scales)
+    assert rows.base is not None and not rows.flags.writeable  # over the read-only map
+    for ref, match in (("per_layer.data", "not a part .* of a host table of this export .embed_tokens."),
+                       ("embed_tokens.rows", "not a part \\(data, scales\\)")):
+        with pytest.raises(ManifestError, match=f"graph input 'x' is bound to '{ref}': {match}"):
+            table_input_arrays({"x": ref}, reader, None)
