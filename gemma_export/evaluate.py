@@ -134,8 +134,7 @@ class _Runner:
         self.last_extra: dict[str, np.ndarray] = {}
         from gemma_runtime.tables import table_input_arrays
 
-        readers = {"embed_tokens": self.embed, **({"per_layer": self.per_layer} if self.per_layer is not None else {})}
-        self.fixed_feeds: dict[str, np.ndarray] = dict(table_input_arrays(m.table_inputs, readers))  # host-table rows
+        self.fixed_feeds: dict[str, np.ndarray] = dict(table_input_arrays(m.table_inputs, self.embed, self.per_layer))
         self.seconds = 0.0
         self.label, self.quant = str(folder), m.quant
 

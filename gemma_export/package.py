@@ -399,8 +399,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     passes = _requantize_passes(base, graph_passes)  # None: the source's
     recipe, importance, calibration = _calibrate(src, recipe, progress)
     tied = base.provenance.get("tied_lm_head")
-    if recipe.lm_head_rescore and recipe.tables == "int8" and recipe.lm_head_rows is None and tied:
-        recipe = dataclasses.replace(recipe, lm_head_rows=HostRows(**tied))  # as gemma-export --lm-head 4 does
+    recipe = recipe.with_token_table_rows(HostRows(**tied) if tied else None)  # as gemma-export does
     with _staging_folder(out) as staging:
         graph = base.graphs["decoder"]
         tables = dict(base.tables)

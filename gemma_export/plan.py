@@ -121,8 +121,7 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     check_recipe_fits(recipe, contraction_dims(variant))
     encoders = _encoder_config(variant, config, req.text_only)
     tied = token_table_rows(variant, tensors, encoders)
-    if tied is not None and recipe.lm_head_rescore and recipe.tables == "int8":
-        recipe = dataclasses.replace(recipe, lm_head_rows=tied)  # no second copy of the head's rows
+    recipe = recipe.with_token_table_rows(tied)  # no second copy of the head's rows
     media = None
     if req.calibration_media is not None:
         if encoders is None:

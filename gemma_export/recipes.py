@@ -108,6 +108,13 @@ class Recipe:
     vision: WeightFormat | None = None
     audio: WeightFormat | None = None
 
+    def with_token_table_rows(self, tied: HostRows | None) -> "Recipe":
+        """This recipe, reading a rescored head's int8 rows from the tied token table `tied` when it
+        can (a rescored head, int8 tables); otherwise unchanged."""
+        if tied is None or not self.lm_head_rescore or self.tables != "int8" or self.lm_head_rows is not None:
+            return self
+        return dataclasses.replace(self, lm_head_rows=tied)
+
     def encoder_format(self, graph: str) -> WeightFormat | None:
         """The format of the encoder graph `graph` ("vision" or "audio")."""
         if graph not in ENCODER_GRAPHS:

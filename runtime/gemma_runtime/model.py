@@ -170,8 +170,7 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
-        readers = {"embed_tokens": embed, **({"per_layer": per_layer} if per_layer is not None else {})}
-        fixed = _table_inputs(manifest, readers)
+        fixed = _table_inputs(manifest, embed, per_layer)
         return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding,
                    graph_cache=graph_cache, table_inputs=fixed)
 
@@ -564,9 +563,9 @@ def _check_onnxruntime_version(m: Manifest) -> None:
         )
 
 
-def _table_inputs(m: Manifest, readers: dict[str, HostTableReader]) -> tuple[tuple[str, np.ndarray], ...]:
+def _table_inputs(m: Manifest, *tables: HostTableReader | None) -> tuple[tuple[str, np.ndarray], ...]:
     """The arrays of manifest.table_inputs, checked against the decoder's declared inputs."""
-    arrays = table_input_arrays(m.table_inputs, readers)
+    arrays = table_input_arrays(m.table_inputs, *tables)
     declared = {t.name: t for t in m.graphs["decoder"].inputs}
     for name, array in arrays:
         spec = declared[name]  # _check_session made sure it is declared

@@ -150,10 +150,12 @@ class HostTableReader:
 TABLE_PARTS = ("data", "scales")
 
 
-def table_input_arrays(table_inputs: dict[str, str], readers: dict[str, "HostTableReader"]) -> tuple[tuple[str, np.ndarray], ...]:
+def table_input_arrays(table_inputs: dict[str, str], *tables: "HostTableReader | None") -> tuple[tuple[str, np.ndarray], ...]:
     """(graph input name, read-only array over the table's memory map) for each manifest
-    `table_inputs` entry "TABLE.PART": no copy, so a graph's Gather touches only the pages of the
-    rows it reads (mapped MADV_RANDOM: no readahead around them)."""
+    `table_inputs` entry "TABLE.PART", from the export's open `tables` (None: a table it lacks): no
+    copy, so a graph's Gather touches only the pages of the rows it reads (mapped MADV_RANDOM: no
+    readahead around them)."""
+    readers = {t.name: t for t in tables if t is not None}
     arrays = []
     for name, ref in table_inputs.items():
         table, _, part = ref.partition(".")
