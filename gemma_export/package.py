@@ -397,6 +397,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         raise ExportError(f"{src} is a {base.quant} export: requantize from an fp32 export")
     check_out_folder(out)
     passes = _requantize_passes(base, graph_passes)  # None: the source's
+    recipe = load_target(base.target).stores(recipe)  # as gemma-export --target does
     recipe, importance, calibration = _calibrate(src, recipe, progress)
     tied = base.provenance.get("tied_lm_head")
     recipe = recipe.with_token_table_rows(HostRows(**tied) if tied else None)  # as gemma-export does

@@ -40,11 +40,11 @@ class ExportRequest:
     calibration_media: Path | None = None
 
 
-# What this version builds: one decoder graph (symbolic chunk) with float or MatMulNBits weights,
-# or static QDQ prefill/decode graphs (npu_export.py). Targets that need static float graphs
-# (coreml) or a QDQ symbolic-chunk graph (openvino) are described in targets/ but refused here
-# until their build exists.
-BUILT_WEIGHT_FORMATS = ("float", "matmulnbits")
+# What this version builds: one decoder graph (symbolic chunk) with float, MatMulNBits or QDQ int8
+# weights (standard ops: the openvino target), or static QDQ prefill/decode graphs (npu_export.py).
+# Targets that need static float graphs (coreml) are described in targets/ but refused here until
+# their build exists.
+BUILT_WEIGHT_FORMATS = ("float", "matmulnbits", "qdq")
 
 
 def _apply_target(req: ExportRequest) -> tuple[ExportRequest, Target]:
@@ -66,7 +66,7 @@ def unbuilt_features(target: Target) -> list[str]:
 
 
 def _check_request(req: ExportRequest) -> None:
-    make_recipe(req.quant, req.recipe_options)  # unknown recipes and senseless options fail here
+    load_target(req.target).stores(make_recipe(req.quant, req.recipe_options))  # unknown recipes and senseless options fail here
     resolve_slice(req.matformer, req.matformer_config, req.ffn_dims, req.skip_layers)  # bad slices too
     if req.prefill_chunk < 1:
         raise ExportError(f"--prefill-chunk must be at least 1, got {req.prefill_chunk}")
@@ -117,7 +117,7 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     limit = variant.max_position_embeddings
     if limit is not None and req.max_context > limit:
         raise ExportError(f"--max-context {req.max_context} exceeds the model's max_position_embeddings ({limit})")
-    recipe = make_recipe(req.quant, req.recipe_options)
+    recipe = load_target(req.target).stores(make_recipe(req.quant, req.recipe_options))
     check_recipe_fits(recipe, contraction_dims(variant))
     encoders = _encoder_config(variant, config, req.text_only)
     tied = token_table_rows(variant, tensors, encoders)

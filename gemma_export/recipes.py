@@ -40,6 +40,12 @@ BLOCK_SIZES = (16, 32, 64, 128)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 TABLE_FORMATS = ("float32", "int8", "int4")  # host table rows: host_tables.py
 DEFAULT_BLOCK = 32
+# How an integer weight is stored in the graph: onnxruntime's contrib op MatMulNBits, or standard
+# ONNX, DequantizeLinear(codes [K, N], scales [K / block, N], axis 0, block_size) + MatMul (opset
+# 21), for providers that take no contrib ops (targets/openvino.toml: OpenVINO keeps the pair as a
+# compressed weight; onnxruntime's CPU provider fuses it back into MatMulNBits). The same blocks
+# and codes either way (blockwise.quantize), and the affine offsets the same MatMul + Add beside.
+WEIGHT_STORAGES = ("matmulnbits", "qdq")
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,9 @@ class WeightFormat:
     """How one MatMul weight [K, N] is stored: `MatMulNBits` with `bits`, blocks of `block_size`
     along K, symmetric (implicit zero point 2^(bits-1)) or asymmetric (uint8 zero points), scales
     by round-to-nearest or by a per-block search (`scale_search`), `accuracy_level` for the kernel.
-    bits=16 means float16 storage, cast to float32 in the graph (no MatMulNBits)."""
+    bits=16 means float16 storage, cast to float32 in the graph (no MatMulNBits). storage "qdq":
+    the same blocks behind a standard DequantizeLinear (WEIGHT_STORAGES); accuracy_level is then
+    the provider's business (onnxruntime: session.qdq_matmulnbits_accuracy_level)."""
 
     bits: int
     block_size: int = DEFAULT_BLOCK
@@ -55,12 +63,15 @@ class WeightFormat:
     accuracy_level: int = 0
     scale_search: bool = True
     affine: bool = False  # asymmetric with float32 zero points (a fitted offset per block)
+    storage: str = "matmulnbits"  # WEIGHT_STORAGES
 
     def check(self, where: str) -> None:
         if self.bits not in (4, 8, 16):
             raise ExportError(f"{where}: {self.bits}-bit weights are not supported (4, 8, or 16 for float16)")
         if self.bits == 16:
             return
+        if self.storage not in WEIGHT_STORAGES:
+            raise ExportError(f"{where}: weight storage {self.storage!r} is not one of {WEIGHT_STORAGES}")
         if self.block_size not in BLOCK_SIZES:
             raise ExportError(f"{where}: block size {self.block_size} is not supported (choose one of {', '.join(map(str, BLOCK_SIZES))})")
         if self.affine and self.symmetric:
@@ -108,6 +119,21 @@ class Recipe:
     vision: WeightFormat | None = None
     audio: WeightFormat | None = None
 
+    def with_storage(self, storage: str) -> "Recipe":
+        """This recipe with every integer weight (decoder and encoders) stored as `storage`."""
+        if storage == "matmulnbits":
+            return self
+
+        def restore(fmt: WeightFormat | None) -> WeightFormat | None:
+            return fmt if fmt is None or fmt.bits == 16 else dataclasses.replace(fmt, storage=storage)
+
+        out = dataclasses.replace(
+            self, attention=restore(self.attention), mlp=restore(self.mlp), lm_head=restore(self.lm_head),
+            other=restore(self.other), overrides=tuple((m, restore(f)) for m, f in self.overrides),
+            vision=restore(self.vision), audio=restore(self.audio))
+        out.check()
+        return out
+
     def with_token_table_rows(self, tied: HostRows | None) -> "Recipe":
         """This recipe, reading a rescored head's int8 rows from the tied token table `tied` when it
         can (a rescored head, int8 tables); otherwise unchanged."""
@@ -142,10 +168,11 @@ class Recipe:
     @property
     def min_onnxruntime(self) -> str:
         """MatMulNBits bits=4 with accuracy_level runs on CPU from 1.20 (this project's floor);
-        bits=8 got its x64 kernel in 1.22."""
-        encoders = [f for f in (self.vision, self.audio) if f is not None]
-        return ("1.22" if any(f.bits == 8 for f in (*self.formats, *encoders))
-                else "1.20" if self.changes_graph else "1.17")
+        bits=8 got its x64 kernel in 1.22. Blocked QDQ weights (opset 21) need 1.20; float16 ones 1.17."""
+        nbits = [f for f in (*self.formats, self.vision, self.audio)
+                 if f is not None and f.bits in (4, 8) and f.storage == "matmulnbits"]
+        qdq = any(f is not None and f.bits in (4, 8) and f.storage == "qdq" for f in (*self.formats, self.vision, self.audio))
+        return "1.22" if any(f.bits == 8 for f in nbits) else "1.20" if nbits or qdq else "1.17"
 
     def check(self) -> None:
         for cls in TENSOR_CLASSES:

@@ -89,6 +89,15 @@ class Target:
         return (self.weights.quant if quant is None else quant, self.max_context if max_context is None else max_context,
                 self.prefill_chunk if prefill_chunk is None else prefill_chunk)
 
+    def stores(self, recipe):
+        """recipes.Recipe `recipe` as this target stores weights: a QDQ target with one decoder
+        graph (openvino) gets its integer weights as DequantizeLinear + MatMul (standard ops:
+        recipes.WEIGHT_STORAGES); other targets take it unchanged (static NPU graphs are
+        QDQ-quantized whole by npu_export.py)."""
+        if self.weights.format == "qdq" and not self.static_shapes:
+            return recipe.with_storage("qdq")
+        return recipe
+
     def _default(self, key: str):
         return self.weights.quant if key == "quant" else getattr(self, key)
 

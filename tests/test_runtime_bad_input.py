@@ -110,9 +110,9 @@ def test_other_bad_arguments(out):
 
 
 def test_provider_not_installed(out, capsys):
-    with pytest.raises(ProviderError, match="install onnxruntime-openvino"):
-        Model.load(out, provider="openvino")
-    assert "onnxruntime-openvino" in cli_fails(capsys, out, "hi", "--provider", "openvino")
+    with pytest.raises(ProviderError, match="install onnxruntime-directml"):
+        Model.load(out, provider="dml")
+    assert "onnxruntime-directml" in cli_fails(capsys, out, "hi", "--provider", "dml")
 
 
 def test_chat_cli_refuses_an_overlong_turn_and_goes_on(tmp_path):

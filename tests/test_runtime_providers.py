@@ -32,6 +32,11 @@ def test_names_and_default_from_target():
 
 @pytest.mark.parametrize("provider", MISSING, ids=[p.name for p in MISSING])
 def test_missing_provider_names_the_package(provider):
+    if provider.plugin is not None and providers._plugin_module(provider) is not None:
+        # installed, but it offers no device here (the OpenVINO plugin on a non-Intel machine)
+        with pytest.raises(ProviderError, match=f"{provider.package} is installed but offers no device"):
+            resolve_provider(provider.name, "cpu")
+        return
     with pytest.raises(ProviderError, match=f"'{provider.name}'.*not in the installed onnxruntime.*install "
                                             f"{provider.package.split()[0]}"):
         resolve_provider(provider.name, "cpu")
@@ -43,6 +48,7 @@ def test_missing_provider_names_the_package(provider):
 def only_cpu(monkeypatch):
     """This onnxruntime as a plain CPU build, whatever is installed here."""
     monkeypatch.setattr(providers, "is_available", lambda p: p.name == "cpu")
+    monkeypatch.setattr(providers, "_plugin_module", lambda p: None)  # no plugin package installed either
 
 
 @pytest.mark.parametrize("target", ["cuda", "openvino", "dml", "coreml"])
@@ -164,3 +170,43 @@ def test_optimized_graph_cache(tmp_path, monkeypatch):
     keys = {graph_cache_key("a", "b", "CPUExecutionProvider"), graph_cache_key("a2", "b", "CPUExecutionProvider"),
             graph_cache_key("a", "b2", "CPUExecutionProvider"), graph_cache_key("a", "b", "CUDAExecutionProvider")}
     assert len(keys) == 4
+
+
+def _ov_device(name: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ep_metadata={"ov_device": name}, device=SimpleNamespace(vendor="Intel"))
+
+
+def test_openvino_takes_one_device_by_name(monkeypatch):
+    """The OpenVINO plugin offers a device per OpenVINO device; the runtime takes the CPU, or the
+    one GEMMA_OPENVINO_DEVICE names, and an absent one is an error naming those offered."""
+    ov = PROVIDERS["openvino"]
+    offered = [_ov_device("CPU"), _ov_device("GPU"), _ov_device("NPU")]
+    monkeypatch.delenv(providers.OPENVINO_DEVICE_ENV, raising=False)
+    assert providers._chosen_devices(ov, offered) == [offered[0]]
+    monkeypatch.setenv(providers.OPENVINO_DEVICE_ENV, "gpu")
+    assert providers._chosen_devices(ov, offered) == [offered[1]]
+    monkeypatch.setenv(providers.OPENVINO_DEVICE_ENV, "VPU")
+    with pytest.raises(ProviderError, match="GEMMA_OPENVINO_DEVICE=VPU: OpenVINO offers no such device here "
+                                            r"\(it offers CPU, GPU, NPU\)"):
+        providers._chosen_devices(ov, offered)
+    qnn = PROVIDERS["qnn"]
+    assert providers._chosen_devices(qnn, offered) == offered  # other plugins: every device they offer
+
+
+def test_an_installed_plugin_without_devices_says_why(monkeypatch):
+    """onnxruntime-ep-openvino on a machine without Intel devices registers and offers nothing:
+    the error says so, and names the vendors this machine has (not 'pip install' what is installed)."""
+    from types import SimpleNamespace
+
+    ov = PROVIDERS["openvino"]
+    monkeypatch.setattr(providers, "_plugin_module", lambda p: SimpleNamespace() if p is ov else None)
+    monkeypatch.setattr(providers, "_plugin_devices", lambda p: [])
+    monkeypatch.setattr(providers.ort, "get_ep_devices",
+                        lambda: [SimpleNamespace(device=SimpleNamespace(vendor="AMD"))])
+    with pytest.raises(ProviderError, match="onnxruntime-ep-openvino is installed but offers no device: its plugin "
+                                            "takes Intel CPUs, GPUs and NPUs only, and this machine's devices are AMD"):
+        resolve_provider("openvino", "openvino")
+    with pytest.warns(ProviderFallbackWarning, match=r"\(onnxruntime-ep-openvino is installed but offers no device"):
+        assert resolve_provider(None, "openvino", ("openvino", "cpu")) == "CPUExecutionProvider"

@@ -191,10 +191,11 @@ def _quantize_affine(x: np.ndarray, bits: int, search: bool, wts: np.ndarray) ->
 
 def block_weights(importance: np.ndarray | None, k: int, block: int) -> np.ndarray:
     """Per-element weights [n_blocks, block] of the block search from an importance [K] (mean x^2
-    of the input channel): padded rows get 0 (the kernel never reads them); None: all ones."""
+    of the input channel; None: all ones): padded rows get 0 (the kernel never reads them, and
+    they would pull a block's least-squares scale towards the repeated last row)."""
     n_blocks = -(-k // block)
-    if importance is None:
-        return np.ones((n_blocks, block), dtype=np.float32)
+    if importance is None:  # padded rows weigh nothing here either: a block's fit is its real rows'
+        return (np.arange(n_blocks * block) < k).astype(np.float32).reshape(n_blocks, block)
     imp = np.asarray(importance, dtype=np.float32)
     if imp.shape != (k,):
         raise ValueError(f"importance of shape {imp.shape} for a weight with K = {k}")

@@ -8,6 +8,8 @@ MatMul whose second input is an initializer [K, N] (the transpose is folded into
     x [.., K] ──MatMul(W [K, N])──> y          x ──MatMulNBits(B, scales[, zero_points])──> y
                                         ==>
                                                x ──MatMul(Cast(W16 -> float32))──> y   (fp16)
+                                               x ──MatMul(DequantizeLinear(Wq [K, N], s [K/B, N]))──> y
+                                                                    (qdq storage: blocked, opset 21)
 
 Affine 4-bit blocks (value = s q + o, a float offset per block) go as a symmetric MatMulNBits plus
 the offsets' share, because onnxruntime's CPU kernel has no fast path for float zero points (it
@@ -131,7 +133,8 @@ def _format_name(fmt) -> str:
     if fmt.bits == 16:
         return "fp16"
     kind = "sym" if fmt.symmetric else "affine" if fmt.affine else "asym"
-    return f"int{fmt.bits}/b{fmt.block_size}/{kind}{'' if fmt.scale_search else '/rtn'}/acc{fmt.accuracy_level}"
+    kernel = "qdq" if fmt.storage == "qdq" else f"acc{fmt.accuracy_level}"
+    return f"int{fmt.bits}/b{fmt.block_size}/{kind}{'' if fmt.scale_search else '/rtn'}/{kernel}"
 
 
 def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
@@ -159,43 +162,44 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
         stem = wm.module if per_module[wm.module] == 1 else f"{wm.module}.{wm.weight}"
         w = store.read(inits[wm.weight])
         if fmt.bits == 16:
-            w16 = w.astype(np.float16)
-            if not np.isfinite(w16).all():
-                raise ValueError(f"{wm.module}: weights overflow float16")
-            err = float(np.linalg.norm(w - w16.astype(np.float32)) / max(np.linalg.norm(w), 1e-30))
-            t16 = store.write(f"{stem}.weight_fp16", w16)
-            cast_out = f"{stem}.weight_fp16_to_fp32"
-            cast = helper.make_node("Cast", [t16.name], [cast_out], name=f"/{stem}/Cast", to=onnx.TensorProto.FLOAT)
-            replaced[wm.weight] = [t16]
+            tensors, err, weight_node = _float16_weight(w, stem, store, wm.module)
+            replaced[wm.weight] = tensors
             for n, i in enumerate(wm.nodes):
                 node = onnx.NodeProto()
                 node.CopyFrom(graph.node[i])
-                node.input[1] = cast_out
-                new_nodes[i] = ([cast] if n == 0 else []) + [node]
-            # the Cast must come before every consumer: put it before the first one (nodes are sorted)
+                node.input[1] = weight_node.output[0]
+                new_nodes[i] = ([weight_node] if n == 0 else []) + [node]
+            # the weight's node must come before every consumer: before the first one (nodes are sorted)
         else:
             imp = None if importance is None else importance.get(wm.weight)
             if importance is not None and imp is None:
                 raise ValueError(f"{wm.module}: no calibration statistics for weight {wm.weight}")
-            codes = blockwise.quantize(w, fmt.bits, fmt.block_size, fmt.symmetric, fmt.scale_search, fmt.affine, imp)
-            err = codes.rel_error
-            b, scales, zp = blockwise.pack(codes)
             k, n = wm.shape
+            qdq = fmt.storage == "qdq"
+            block = qdq_block(k, fmt.block_size) if qdq else fmt.block_size
+            codes = blockwise.quantize(w, fmt.bits, block, fmt.symmetric, fmt.scale_search, fmt.affine, imp)
+            err = codes.rel_error
             offsets = _block_offsets(codes) if fmt.affine else None  # symmetric codes (zero point 8) + O [n_blocks, N]
-            if fmt.affine:
-                zp = None
-            del codes
-            parts = _column_parts(n, b.nbytes)
+            if qdq:
+                b = None
+            else:
+                b, scales, zp = blockwise.pack(codes)
+                if fmt.affine:
+                    zp = None
+            parts = _column_parts(n, (codes.codes.size * fmt.bits) // 8)
             names = [stem] if len(parts) == 1 else [f"{stem}.part{p}" for p in range(len(parts))]
-            written = []  # per part: (MatMulNBits inputs, offsets tensor or None)
+            written = []  # per part: (MatMulNBits or DequantizeLinear inputs, offsets tensor or None)
             for name, (a, e) in zip(names, parts):
-                tensors = [store.write(f"{name}.weight_Q{fmt.bits}", b[a:e]),
-                           store.write(f"{name}.scales", scales.reshape(n, -1)[a:e].reshape(-1))]
-                if zp is not None:
-                    tensors.append(store.write(f"{name}.zero_points", zp.reshape(n, -1)[a:e].reshape(-1)))
+                if qdq:
+                    tensors = _qdq_tensors(codes, a, e, name, store, fmt)
+                else:
+                    tensors = [store.write(f"{name}.weight_Q{fmt.bits}", b[a:e]),
+                               store.write(f"{name}.scales", scales.reshape(n, -1)[a:e].reshape(-1))]
+                    if zp is not None:
+                        tensors.append(store.write(f"{name}.zero_points", zp.reshape(n, -1)[a:e].reshape(-1)))
                 part_offsets = None if offsets is None else store.write(f"{name}.block_offsets", np.ascontiguousarray(offsets[:, a:e]))
                 written.append((tensors, part_offsets))
-            del b, scales, zp, offsets
+            del b, codes, offsets
             replaced[wm.weight] = [t for tensors, o in written for t in tensors + ([o] if o is not None else [])]
             rescore = recipe.lm_head_rescore if wm.tensor_class == "lm_head" else 0
             # the int8 rows are made and written once per weight, whatever number of nodes reads it
@@ -215,16 +219,24 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 for p, (name, (a, e), (tensors, part_offsets)) in enumerate(zip(names, parts, written)):
                     out_p = head_out if len(parts) == 1 else f"{old.output[0]}/part{p}"
                     outs.append(out_p)
-                    attrs = dict(K=k, N=e - a, bits=fmt.bits, block_size=fmt.block_size)
-                    if fmt.accuracy_level:
-                        attrs["accuracy_level"] = fmt.accuracy_level
                     y = out_p if part_offsets is None else f"{out_p}/symmetric"
-                    node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
-                                            name=f"/{name}{tag}/MatMulNBits", domain=MS_DOMAIN, **attrs)
+                    if qdq:  # the weight's DequantizeLinear once, before its first reader
+                        dq_out = f"{name}.weight_dequantized"
+                        if reader == 0:
+                            new_nodes[i].append(helper.make_node(
+                                "DequantizeLinear", [t.name for t in tensors], [dq_out], name=f"/{name}/DequantizeLinear",
+                                axis=0, block_size=block))
+                        node = helper.make_node("MatMul", [old.input[0], dq_out], [y], name=f"/{name}{tag}/MatMul")
+                    else:
+                        attrs = dict(K=k, N=e - a, bits=fmt.bits, block_size=fmt.block_size)
+                        if fmt.accuracy_level:
+                            attrs["accuracy_level"] = fmt.accuracy_level
+                        node = helper.make_node("MatMulNBits", [old.input[0]] + [t.name for t in tensors], [y],
+                                                name=f"/{name}{tag}/MatMulNBits", domain=MS_DOMAIN, **attrs)
                     node.metadata_props.extend(old.metadata_props)
                     new_nodes[i].append(node)
                     if part_offsets is not None:
-                        xs = block_sums.of(old.input[0], k, fmt.block_size)
+                        xs = block_sums.of(old.input[0], k, block)
                         share = f"{out_p}/offsets"
                         new_nodes[i] += [
                             helper.make_node("MatMul", [xs, part_offsets.name], [share], name=f"/{name}{tag}/offsets/MatMul"),
@@ -256,7 +268,72 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
     graph.initializer.extend(block_sums.initializers())
     if any(n.domain == MS_DOMAIN for n in graph.node):
         _ensure_ms_opset(out)
+    if any(n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute) for n in graph.node):
+        _ensure_opset(out, QDQ_OPSET)
     return out
+
+
+def _float16_weight(w: np.ndarray, stem: str, store: TensorStore, module: str):
+    """([W16], relative error, the Cast to float32 that MatMul reads)."""
+    w16 = w.astype(np.float16)
+    if not np.isfinite(w16).all():
+        raise ValueError(f"{module}: weights overflow float16")
+    err = float(np.linalg.norm(w - w16.astype(np.float32)) / max(np.linalg.norm(w), 1e-30))
+    t16 = store.write(f"{stem}.weight_fp16", w16)
+    cast = helper.make_node("Cast", [t16.name], [f"{stem}.weight_fp16_to_fp32"], name=f"/{stem}/Cast", to=onnx.TensorProto.FLOAT)
+    return [t16], err, cast
+
+
+def _qdq_tensors(codes: blockwise.BlockCodes, a: int, e: int, name: str, store: TensorStore, fmt) -> list[onnx.TensorProto]:
+    """Output columns [a, e) of a weight's block codes as opset 21's blocked DequantizeLinear takes
+    them (axis 0): codes [K, e - a], scales [n_blocks, e - a](, zero points likewise). Symmetric
+    and affine codes (zero point 2^(bits-1): affine's offsets go beside, as for MatMulNBits) are
+    shifted to signed int8/int4 without zero points; asymmetric ones stay unsigned with theirs."""
+    q = codes.codes[a:e].reshape(e - a, -1)[:, :codes.k].T  # [K, cols], the last block's padding dropped
+    signed = codes.symmetric or codes.zero_points.dtype == np.float32
+    shift = 2 ** (fmt.bits - 1) if signed else 0
+    tensors = [_int_tensor(store, f"{name}.weight_q{fmt.bits}", q.astype(np.int16) - shift, fmt.bits, signed),
+               store.write(f"{name}.weight_scales", np.ascontiguousarray(codes.scales[a:e].T))]
+    if not signed:
+        tensors.append(_int_tensor(store, f"{name}.weight_zero_points", codes.zero_points[a:e].T, fmt.bits, False))
+    return tensors
+
+
+def qdq_block(k: int, block: int) -> int:
+    """The block of a QDQ weight with K rows: `block` when it divides K, else the largest power of
+    two below it that does (K itself when K < block, e.g. Gemma 3n's AltUp coefficients, K = 4).
+    OpenVINO's ONNX frontend refuses a blocked DequantizeLinear whose axis is not a whole number
+    of blocks; MatMulNBits pads the last block instead (for K < block the same codes: the padding
+    repeats the last row, which leaves the block's range as it is)."""
+    if k % block == 0:
+        return block
+    if k < block:
+        return k
+    while k % block:
+        block //= 2
+    return block
+
+
+def _int_tensor(store: TensorStore, name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
+    """An int8/uint8 tensor, or an INT4/UINT4 one packed two a byte (ONNX's order: row-major,
+    the even element in the low nibble)."""
+    if bits == 8:
+        return store.write(name, np.ascontiguousarray(values.astype(np.int8 if signed else np.uint8)))
+    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    kind = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    return store.write(name, flat[0::2] | (flat[1::2] << 4), packed=(kind, tuple(values.shape)))
+
+
+# blocked DequantizeLinear (axis 0, block_size) and 4-bit types came in opset 21
+QDQ_OPSET = 21
+
+
+def _ensure_opset(model: onnx.ModelProto, version: int) -> None:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < version:
+            o.version = version
 
 
 # Weights of at least SPLIT_FROM_BYTES packed are cut into parts of at most MAX_PART_BYTES.

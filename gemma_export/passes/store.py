@@ -50,14 +50,19 @@ class TensorStore:
             raise ValueError(f"initializer {t.name}: {ext['location']} ends before its {count} elements")
         return array.reshape(tuple(t.dims))
 
-    def write(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+    def write(self, name: str, array: np.ndarray, packed: tuple[int, tuple[int, ...]] | None = None) -> onnx.TensorProto:
+        """`packed`: (ONNX data type, dims) of a 4-bit tensor whose bytes `array` (uint8) already
+        holds, two elements a byte, the first in the low nibble (numpy has no 4-bit dtype)."""
         array = np.ascontiguousarray(array)
+        data_type, dims = packed if packed is not None else (onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
         if self._out is None:
-            return numpy_helper.from_array(array, name)
+            if packed is None:
+                return numpy_helper.from_array(array, name)
+            return onnx.helper.make_tensor(name, data_type, dims, array.tobytes(), raw=True)
         t = onnx.TensorProto()
         t.name = name
-        t.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        t.dims.extend(array.shape)
+        t.data_type = data_type
+        t.dims.extend(dims)
         data = memoryview(array.reshape(-1).view(np.uint8))  # no copy: the largest weight is GiBs
         offset = self._out.tell()
         pad = -offset % (_ALIGN_BIG if len(data) >= _BIG else 16)

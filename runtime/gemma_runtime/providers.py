@@ -18,6 +18,7 @@ error when the session is made, not a slow silent CPU run.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ PROVIDERS = {
     for p in (
         Provider("cpu", "CPUExecutionProvider", "onnxruntime"),
         Provider("cuda", "CUDAExecutionProvider", "onnxruntime-gpu"),
-        Provider("openvino", "OpenVINOExecutionProvider", "onnxruntime-openvino"),
+        Provider("openvino", "OpenVINOExecutionProvider", "onnxruntime-ep-openvino", plugin="onnxruntime_ep_openvino"),
         Provider("qnn", "QNNExecutionProvider", "onnxruntime-qnn", plugin="onnxruntime_qnn"),
         Provider("dml", "DmlExecutionProvider", "onnxruntime-directml"),
         Provider("coreml", "CoreMLExecutionProvider", "onnxruntime (its macOS build has CoreML)"),
@@ -96,6 +97,8 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
             f"(onnxruntime {ort.__version__}; available: {', '.join(available)})"
         )
     if not is_available(provider):
+        if provider.plugin is not None and _plugin_module(provider) is not None:
+            raise ProviderError(_why_no_devices(provider))  # installed, but nothing here for it to run on
         # a plugin EP library installs beside onnxruntime; other builds replace it
         how = (f"pip install {provider.package}" if provider.plugin is not None
                else f"pip uninstall onnxruntime && pip install {provider.package.split()[0]}")
@@ -109,10 +112,12 @@ def resolve_provider(requested: str | None, target: str, preferred: tuple[str, .
 def fallback_message(skipped: list[Provider], chosen: Provider, target: str) -> str:
     names = ", ".join(f"{p.name!r} ({p.ort_name})" for p in skipped)
     verb = "is" if len(skipped) == 1 else "are"
+    idle = [_why_no_devices(p) for p in skipped if p.plugin is not None and _plugin_module(p) is not None]
     return (f"execution provider {names} of the export's target {target!r} {verb} not in the installed "
-            f"onnxruntime {ort.__version__}, so the model runs on {chosen.name!r}, the target's next choice, "
-            f"which may be much slower: install {' or '.join(p.package for p in skipped)} to use it, or pass "
-            f"--provider {chosen.name} (provider={chosen.name!r}) to choose {chosen.name!r} and silence this warning")
+            f"onnxruntime {ort.__version__}{''.join(f' ({why})' for why in idle)}, so the model runs on "
+            f"{chosen.name!r}, the target's next choice, which may be much slower: install "
+            f"{' or '.join(p.package for p in skipped)} to use it, or pass --provider {chosen.name} "
+            f"(provider={chosen.name!r}) to choose {chosen.name!r} and silence this warning")
 
 
 # ---- plugin execution providers -----------------------------------------------------------------
@@ -124,8 +129,36 @@ _REGISTERED: set[str] = set()
 # DESIGN.md's fp32 budget by 10x (tiny Gemma on an H200: 4e-3 against 3e-4, bench/cuda_provider.py)
 _BUILTIN_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
+# OpenVINO: float32 arithmetic. Its CPU plugin otherwise infers in bfloat16 on CPUs that have it
+# (AVX512-BF16, AMX): the tiny Gemma 3's fp32 decoder then gave new keys 0.06 off ORT's (|k| 4.1),
+# in float32 1e-6 (OpenVINO 2026.4 on this machine's CPU, /work/ov/ovrun.py).
 _PLUGIN_OPTIONS = {"onnxruntime_qnn": lambda module: {"backend_path": module.get_qnn_htp_path(),
-                                                      "offload_graph_io_quantization": "0"}}
+                                                      "offload_graph_io_quantization": "0"},
+                   "onnxruntime_ep_openvino": lambda module: {"precision": "FP32"}}
+
+# Which of a plugin's devices a session takes. OpenVINO offers one OrtEpDevice per OpenVINO device
+# (CPU, GPU, NPU): GEMMA_OPENVINO_DEVICE picks one (default CPU, which every OpenVINO install has).
+OPENVINO_DEVICE_ENV = "GEMMA_OPENVINO_DEVICE"
+
+
+def _chosen_devices(provider: Provider, devices: list) -> list:
+    if provider.plugin != "onnxruntime_ep_openvino":
+        return devices
+    want = os.environ.get(OPENVINO_DEVICE_ENV, "CPU").upper()
+    chosen = [d for d in devices if d.ep_metadata.get("ov_device", "").upper() == want]
+    if devices and not chosen:
+        have = sorted({d.ep_metadata.get("ov_device", "?") for d in devices})
+        raise ProviderError(f"{OPENVINO_DEVICE_ENV}={want}: OpenVINO offers no such device here (it offers {', '.join(have)})")
+    return chosen[:1]
+
+
+def _why_no_devices(provider: Provider) -> str:
+    """Why an installed plugin offers no device: the OpenVINO plugin claims Intel hardware only."""
+    if provider.plugin == "onnxruntime_ep_openvino":
+        vendors = sorted({d.device.vendor for d in ort.get_ep_devices()} - {""})
+        return (f"{provider.package} is installed but offers no device: its plugin takes Intel CPUs, GPUs and NPUs "
+                f"only, and this machine's devices are {', '.join(vendors) or 'of no named vendor'}")
+    return f"execution provider {provider.name!r} is not installed: pip install {provider.package}"
 
 
 def is_available(provider: Provider) -> bool:
@@ -167,9 +200,9 @@ def configure_session(options: ort.SessionOptions, ort_name: str, cpu_fallback: 
     # start without its options (QNN: no HTP backend path): plugins always go by device
     if provider is None or provider.plugin is None or _plugin_module(provider) is None:
         return [(ort_name, _BUILTIN_OPTIONS[ort_name])] if ort_name in _BUILTIN_OPTIONS else [ort_name]
-    devices = _plugin_devices(provider)
+    devices = _chosen_devices(provider, _plugin_devices(provider))
     if not devices:
-        raise ProviderError(f"execution provider {provider.name!r} is not installed: pip install {provider.package}")
+        raise ProviderError(_why_no_devices(provider))
     module = _plugin_module(provider)
     options.add_provider_for_devices(devices, _PLUGIN_OPTIONS.get(provider.plugin, lambda m: {})(module))
     if not cpu_fallback:
