@@ -78,18 +78,18 @@ def export(args: list[str]) -> None:
         raise SystemExit(f"gemma-export {' '.join(args)} failed (exit {rc})")
 
 
-def placement(out: Path) -> dict:
-    """Per graph: nodes per provider of a CUDA session (`gemma-export check`), the op types left
+def placement(out: Path, target: str = "cuda", provider: str = "cuda") -> dict:
+    """Per graph: nodes per provider of a `provider` session (`gemma-export check`), the op types left
     to other providers, and check's problems (a failed session names its error)."""
     from gemma_export.check import check_export
 
-    report = check_export(out, target="cuda", providers=("cuda",))
+    report = check_export(out, target=target, providers=(provider,))
     return {"problems": list(report.problems),
             **{g.name: {p.provider: {"nodes": dict(p.nodes), "off": dict(p.off_provider), "error": p.error}
                         for p in g.placements} for g in report.graphs}}
 
 
-def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str = "cuda") -> list[dict]:
+def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str = "cuda", target: str = "cuda") -> list[dict]:
     import torch
 
     from checkpoints import PROMPT_LEN, build, prompt_ids, reference, runtime_logits
@@ -100,9 +100,9 @@ def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str
         checkpoint = build(family, work / "checkpoints" / family)
         eager = None
         for quant in quants:
-            out = work / "exports" / f"{family}-{quant}"
+            out = work / "exports" / f"{target}-{family}-{quant}"
             if not out.exists():
-                export(["--checkpoint", str(checkpoint), "--target", "cuda", "--quant", quant,
+                export(["--checkpoint", str(checkpoint), "--target", target, "--quant", quant,
                         "--max-context", "64", "--prefill-chunk", "8", str(out)])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -120,7 +120,7 @@ def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str
                    "logits_abs_max": float(np.abs(theirs).max()),
                    "top1_agreement_vs_cpu": float((ours.argmax(-1) == theirs.argmax(-1)).mean()),
                    "tokens_equal_cpu": tokens == cpu_tokens, "gpu_seconds": gpu_s,
-                   "placement": placement(out)}
+                   "placement": placement(out, target, gpu_provider)}
             if quant == "fp32":
                 eager = eager or reference(family, checkpoint)
                 try:
@@ -167,7 +167,7 @@ def _parity_line(row: dict) -> str:
     return line
 
 
-def multimodal(work: Path, quant: str, gpu_provider: str = "cuda") -> dict:
+def multimodal(work: Path, quant: str, gpu_provider: str = "cuda", target: str = "cuda") -> dict:
     """The tiny multimodal Gemma 3n of the tests (tests/multimodal_checkpoint.py: full-size
     MobileNetV5 vision tower, tiny audio tower), `--target cuda --quant QUANT`: placement of every
     graph, and each encoder's rows on cuda against the CPU provider's on the same graphs, for one
@@ -185,10 +185,10 @@ def multimodal(work: Path, quant: str, gpu_provider: str = "cuda") -> dict:
             "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
             "resample": 2, "rescale_factor": 1 / 255, "size": {"height": 768, "width": 768}}))
         mm.write_tokenizer(ckpt / "tokenizer.json")
-    out = work / "exports" / f"multimodal-{quant}"
+    out = work / "exports" / f"{target}-multimodal-{quant}"
     if not out.exists():
         t = time.perf_counter()
-        export(["--checkpoint", str(ckpt), "--target", "cuda", "--quant", quant, "--max-context", "512",
+        export(["--checkpoint", str(ckpt), "--target", target, "--quant", quant, "--max-context", "512",
                 "--prefill-chunk", "32", str(out)])
         print(f"exported the tiny multimodal Gemma 3n ({quant}) in {time.perf_counter() - t:.0f} s", flush=True)
     from PIL import Image
@@ -196,7 +196,7 @@ def multimodal(work: Path, quant: str, gpu_provider: str = "cuda") -> dict:
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 3) / 16000) + 0.05 * rng.standard_normal(16000 * 3)).astype(np.float32)
-    row = {"quant": quant, "placement": placement(out)}
+    row = {"quant": quant, "placement": placement(out, target, gpu_provider)}
     models = {p: Model.load(out, provider=p) for p in (gpu_provider, "cpu")}
     for kind, run in (("image", lambda m: m._media.encode_image(image)), ("audio", lambda m: m._media.encode_audio((clip, 16000)))):
         t = time.perf_counter()
@@ -208,31 +208,31 @@ def multimodal(work: Path, quant: str, gpu_provider: str = "cuda") -> dict:
         cos = (gpu * cpu).sum(-1) / (np.linalg.norm(gpu, axis=-1) * np.linalg.norm(cpu, axis=-1))
         row[kind] = {"rows": list(gpu.shape), "max_abs_diff": float(np.abs(gpu - cpu).max()), "abs_max": float(np.abs(cpu).max()),
                      "cosine_min": float(cos.min()), "gpu_seconds": gpu_s, "cpu_seconds": cpu_s}
-        print(f"multimodal {quant} {kind}: {gpu.shape} rows, cuda vs cpu max|diff| {row[kind]['max_abs_diff']:.3g} "
+        print(f"multimodal {quant} {kind}: {gpu.shape} rows, {gpu_provider} vs cpu max|diff| {row[kind]['max_abs_diff']:.3g} "
               f"(|rows| {row[kind]['abs_max']:.3g}), cosine min {row[kind]['cosine_min']:.6f}; {gpu_s:.2f} s vs {cpu_s:.2f} s", flush=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "audio", "audio": (clip, 16000)},
                                              {"type": "text", "text": "what"}]}]
     tokens = {p: list(mod.generate_ids(mod.chat_ids(messages), max_new_tokens=8, images=[image], audio=[(clip, 16000)]))
               for p, mod in models.items()}
     row["greedy_tokens_equal"] = tokens[gpu_provider] == tokens["cpu"]
-    print(f"multimodal {quant}: greedy tokens with an image and a clip equal on cuda and cpu: {row['greedy_tokens_equal']}"
+    print(f"multimodal {quant}: greedy tokens with an image and a clip equal on {gpu_provider} and cpu: {row['greedy_tokens_equal']}"
           f"\n{'':>14}placement: {row['placement']}", flush=True)
     return row
 
 
 def speed(work: Path, variant: str, quants: list[str], gpu_provider: str = "cuda", prompts=(128, 1024),
-          new_tokens: int = 128) -> list[dict]:
+          new_tokens: int = 128, target: str = "cuda") -> list[dict]:
     from gemma_runtime import Model
 
     rows = []
     rng = np.random.default_rng(0)
     for quant in quants:
-        out = work / "exports" / f"{variant}-{quant}"
+        out = work / "exports" / f"{target}-{variant}-{quant}"
         if not out.exists():
             t = time.perf_counter()
-            export(["--variant", variant, "--random-weights", "--target", "cuda", "--quant", quant, str(out)])
+            export(["--variant", variant, "--random-weights", "--target", target, "--quant", quant, str(out)])
             print(f"exported {variant} {quant} in {time.perf_counter() - t:.0f} s", flush=True)
-        for provider in (gpu_provider, "cpu"):
+        for provider in dict.fromkeys((gpu_provider, "cpu")):
             model = Model.load(out, provider=provider)
             for n in prompts:
                 ids = rng.integers(3, model.manifest.vocab_size, size=n).tolist()
@@ -248,12 +248,14 @@ def speed(work: Path, variant: str, quants: list[str], gpu_provider: str = "cuda
                 print(f"{variant} {quant} {model.provider:>22} prompt {n:>5}: prefill {row['prefill_tps']:8.1f} t/s, "
                       f"decode {row['decode_tps']:7.1f} t/s ({s.decode_tokens} tokens)", flush=True)
             del model
+    from gemma_runtime.providers import PROVIDERS
+
     by = {(r["quant"], r["provider"], r["prompt"]): r for r in rows}
     for quant in quants:
         for n in prompts:
-            g, c = by.get((quant, "CUDAExecutionProvider", n)), by.get((quant, "CPUExecutionProvider", n))
-            if g and c:
-                print(f"{variant} {quant} prompt {n}: cuda / cpu prefill {g['prefill_tps'] / c['prefill_tps']:.2f}x, "
+            g, c = by.get((quant, PROVIDERS[gpu_provider].ort_name, n)), by.get((quant, "CPUExecutionProvider", n))
+            if g and c and g is not c:
+                print(f"{variant} {quant} prompt {n}: {gpu_provider} / cpu prefill {g['prefill_tps'] / c['prefill_tps']:.2f}x, "
                       f"decode {g['decode_tps'] / c['decode_tps']:.2f}x")
     return rows
 
