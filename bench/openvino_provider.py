@@ -21,6 +21,35 @@ Both providers quantize the activations of an int8/int4 weight MatMul to int8 on
 default, in groups of 32 (onnxruntime's MatMulNBits at accuracy level 4, OpenVINO's
 DYNAMIC_QUANTIZATION_GROUP_SIZE 32), so their int8/int4 logits agree closely but are not the
 graph's float arithmetic (tests/test_openvino.py compares that exactly).
+
+Measured 2026-12-02 on the lent machine (Intel Xeon, 16 cores; onnxruntime 1.30, the plugin
+1.8.1 = OpenVINO 2026.4, carried there as a wheel):
+
+  placement: every node of every graph on OpenVINOExecutionProvider (decoders of gemma /
+    gemma3_sw8 / gemma3n, fp32 251 / 450 / 1093 nodes, int8 273 / 479 / 1130, int4 297 / 511 /
+    1233; the multimodal export's decoder 793, vision 3074, audio 355), CPU fallback off.
+  same ids, openvino vs the CPU provider, max |logit diff| (|logits| max 3.2-3.8):
+               fp32      int8      int4
+    gemma      6.0e-06   0.056     0.026
+    gemma3_sw8 2.1e-06   0.060     0.023
+    gemma3n    1.8e-05   1.4e-06   0.73 (top-1 91 %)
+    fp32 vs eager: 7.6e-06 and 2.2e-06 (budgets 3.5e-04, 3.8e-04); Gemma 3n's eager reference
+    does not run on that transformers (5.17). Before the runtime passed f32 through load_config
+    (the plugin ignores its "precision" option), OpenVINO computed in bfloat16: fp32 vs eager 0.10.
+  multimodal int8: image rows vs CPU cosine min 0.99993, audio 0.99991; greedy tokens with an
+    image and a clip equal on both.
+  Gemma 3 270M-shaped random weights, tokens/s (the CPU provider on all 16 cores):
+                                   prefill 128  prefill 1024  decode after 128  after 1024
+    openvino build int8  openvino      1571         1977           41.2            43.2
+                         cpu            981         1065           96.3            97.7
+    openvino build int4  openvino      1642         2124           42.9            46.0
+                         cpu            945          938           89.6            88.6
+    cpu build int4       cpu           1704         1521          110.6            99.0
+    int8, OpenVINO's int8 activations off: openvino 1395 / 1655 prefill, 39.0 / 40.9 decode.
+  So OpenVINO prefills 1.6-2.3x faster than onnxruntime's CPU kernels on the same graphs and
+  decodes at 0.43-0.52x of them; the cpu target's fused MatMulNBits graphs stay the fastest
+  decode on a CPU. Why OpenVINO's decode step is slow is not profiled yet (a guess: the plugin
+  copies each bound input, the KV cache included, into its own tensors every run).
 """
 
 from __future__ import annotations

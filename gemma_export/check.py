@@ -185,6 +185,8 @@ def _dims_summary(dims: tuple[str, ...]) -> str:
 
 
 def format_report(report: CheckReport) -> str:
+    from gemma_runtime.providers import PROVIDERS, unavailable_reason
+
     lines = [f"{report.folder} against target {report.target}:"]
     for g in report.graphs:
         lines.append(f"  {g.name} ({g.file}, {g.bytes / 2**20:.1f} MiB): {g.nodes} nodes, "
@@ -197,7 +199,7 @@ def format_report(report: CheckReport) -> str:
                 lines.append(f"    {p.provider}: placement {_counts(p.nodes)}"
                              + (f"; not on it: {_counts(p.off_provider)}" if p.off_provider else ""))
         for p in g.not_installed:
-            lines.append(f"    {p}: not installed here (no placement)")
+            lines.append(f"    {p}: {unavailable_reason(PROVIDERS[p])} (no placement)")
     lines.append("ok" if report.ok else f"{len(report.problems)} problem(s):\n  " + "\n  ".join(report.problems))
     return "\n".join(lines)
 

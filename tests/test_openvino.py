@@ -9,8 +9,8 @@ loaded with io_binding=False whose session is swapped for an OpenVINO compiled m
 itself runs in test_the_openvino_ep_runs_the_export (skipped, and said so, where it offers no
 device) and in bench/openvino_provider.py, measured on the lent Intel machine.
 
-Two OpenVINO defaults the runtime turns off or leaves (providers._PLUGIN_OPTIONS):
-- bfloat16 inference on CPUs that have it (this one does): the runtime asks for FP32.
+Two OpenVINO defaults the runtime turns off or leaves (providers.OPENVINO_PROPERTIES):
+- bfloat16 inference on CPUs that have it (this one does): the runtime asks for f32.
 - int8 activations for int8-weight MatMuls, quantized on the fly in groups of 32
   (DYNAMIC_QUANTIZATION_GROUP_SIZE): left on, as onnxruntime's own CPU kernels do for the same
   graph (it fuses DequantizeLinear + MatMul into MatMulNBits at accuracy level 4). The exact
@@ -31,7 +31,9 @@ ov = pytest.importorskip("openvino", reason="the test extras install openvino (O
 
 FAMILIES = ["gemma", "gemma3_sw8", "gemma3n"]
 NEW_TOKENS = 32
-F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # what the runtime asks the EP for (precision FP32)
+from gemma_runtime.providers import OPENVINO_PROPERTIES  # noqa: E402
+
+F32 = dict(OPENVINO_PROPERTIES)  # what the runtime asks the EP for
 EXACT = {**F32, "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}  # float activations too
 
 

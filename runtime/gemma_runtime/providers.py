@@ -136,7 +136,7 @@ _BUILTIN_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 # 2026.4 here, tests/test_openvino.py). The plugin takes OpenVINO properties only through its
 # load_config option (a JSON map: device -> properties); it ignores "precision". NPUs compute in
 # float16 only, so they keep their default.
-OPENVINO_PROPERTIES = {"INFERENCE_PRECISION_HINT": "F32"}
+OPENVINO_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32"}  # lower case: the CPU plugin refuses "F32"
 
 
 def _openvino_options(devices: list) -> dict:
@@ -162,6 +162,13 @@ def _chosen_devices(provider: Provider, devices: list) -> list:
         have = sorted({d.ep_metadata.get("ov_device", "?") for d in devices})
         raise ProviderError(f"{OPENVINO_DEVICE_ENV}={want}: OpenVINO offers no such device here (it offers {', '.join(have)})")
     return chosen[:1]
+
+
+def unavailable_reason(provider: Provider) -> str:
+    """Why `provider` cannot run here, in a few words: not installed, or installed without a device."""
+    if provider.plugin is not None and _plugin_module(provider) is not None:
+        return _why_no_devices(provider)
+    return f"not installed here ({provider.package})"
 
 
 def _why_no_devices(provider: Provider) -> str:
