@@ -106,6 +106,8 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
 
     target = load_target(plan.target)
     _check(plan, target)
+    if target.weights.format == "float":  # coreml: static float graphs, no QDQ
+        return _write_static_float_export(plan, target, Path(out), progress)
     out = Path(out)
     check_out_folder(out)
     variant = plan.variant
@@ -159,16 +161,75 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
         }
         if encoders_record:
             provenance["encoders"] = encoders_record
-        g = variant.gemma3n
-        manifest = Manifest(
-            format_version=FORMAT_VERSION, family=variant.family, variant=variant.name, architecture=variant.architecture,
-            quant=plan.quant, target=target.name, hidden_size=variant.hidden_size, vocab_size=variant.vocab_size,
-            prefill_chunk=plan.prefill_chunk, max_context=plan.max_context, sliding_window=variant.sliding_window,
-            graphs=graphs, kv_layout="past_and_new_blocks", caches=_caches(variant, plan.max_context), tables=tables,
-            per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
-            tokens=_token_ids(variant, plan.aux_files, plan.encoders), files=files, provenance=provenance,
-            tokenizer_files=tuple(tokenizer_files), providers=target.providers, npu_inputs=npu_inputs,
-        )
+        manifest = _manifest(plan, target, graphs, tables, files, provenance, tokenizer_files, npu_inputs)
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _move_into_place(staging, out)
+    return manifest
+
+
+def _manifest(plan: ExportPlan, target: Target, graphs, tables, files, provenance, tokenizer_files, npu_inputs) -> Manifest:
+    variant, g = plan.variant, plan.variant.gemma3n
+    return Manifest(
+        format_version=FORMAT_VERSION, family=variant.family, variant=variant.name, architecture=variant.architecture,
+        quant=plan.quant, target=target.name, hidden_size=variant.hidden_size, vocab_size=variant.vocab_size,
+        prefill_chunk=plan.prefill_chunk, max_context=plan.max_context, sliding_window=variant.sliding_window,
+        graphs=graphs, kv_layout="past_and_new_blocks", caches=_caches(variant, plan.max_context), tables=tables,
+        per_layer_inputs=PerLayerInputs(variant.num_layers, g.per_layer_dim, g.per_layer_vocab_size) if g else None,
+        tokens=_token_ids(variant, plan.aux_files, plan.encoders), files=files, provenance=provenance,
+        tokenizer_files=tuple(tokenizer_files), providers=target.providers, npu_inputs=npu_inputs,
+    )
+
+
+STATIC_FLOAT_MIN_ONNXRUNTIME = "1.20"  # opset 21, no RMSNormalization
+
+
+def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, progress: Progress) -> Manifest:
+    """The coreml target: the same static prefill/decode graphs and host inputs as an NPU export,
+    in float (fp32, or fp16 weights cast to float32 in the graph: passes/matmuls.py), with every
+    RMSNorm left as standard ops and the ops the CoreML provider lacks rewritten
+    (passes/coreml.py). A multimodal checkpoint's encoders are the cpu target's float graphs
+    (encoders.py: static already); `gemma-export check` reports the ops of theirs CoreML lacks."""
+    from .encoders import quantize_encoders, write_encoders
+    from .package import _recipe_record
+    from .passes import quantize_decoder_files
+    from .passes.coreml import coreml_rewrites
+
+    check_out_folder(out)
+    variant = plan.variant
+    check_resources(variant, out.parent)
+    with _staging_folder(out) as staging:
+        with progress.step("loading weights"):
+            decoder = load_decoder(variant, plan.max_context, plan.tensors)
+        graphs, rewrites, report = {}, {}, []
+        for graph, chunk in (("prefill", plan.prefill_chunk), ("decode", 1)):
+            file = GRAPH_FILES[graph]
+            with progress.step(f"exporting the static {graph} graph (T = {chunk})"):
+                model, rewrites[graph] = coreml_rewrites(export_npu_decoder(decoder, plan.max_context, chunk, fuse_norms=False))
+                save_with_external_data(model, staging, file, f"{file}.data")
+                del model
+            if plan.recipe.changes_graph:
+                with progress.step(f"storing the weights of {file} (recipe {plan.recipe.name})"):
+                    report = quantize_decoder_files(staging, file, f"{file}.data", plan.recipe)
+            graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False), f"{file}.data")
+        del decoder
+        hard_rows, encoders_record = None, None
+        if plan.encoders is not None:
+            encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
+            encoders_record = quantize_encoders(staging, encoder_graphs, plan.recipe, progress)
+            graphs.update(encoder_graphs)
+        with progress.step(f"writing host tables ({plan.recipe.tables})"):
+            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
+        tokenizer_files = []
+        for name, path in sorted(plan.aux_files.items()):
+            shutil.copyfile(path, staging / name)
+            tokenizer_files.append(name)
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        provenance = _provenance(plan, report, encoders_record)
+        provenance["min_onnxruntime"] = STATIC_FLOAT_MIN_ONNXRUNTIME
+        provenance["quant_recipe"] = _recipe_record(plan.recipe, report)
+        provenance["coreml_rewrites"] = rewrites
+        manifest = _manifest(plan, target, graphs, tables, files, provenance, tokenizer_files,
+                             npu_inputs_spec(variant, plan.max_context))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest
@@ -181,9 +242,9 @@ def _calibration_note(folder: Path) -> str:
 
 
 def _check(plan: ExportPlan, target: Target) -> None:
-    if target.weights.format != "qdq" or not target.static_shapes:
-        raise ExportError(f"target {target.name} is not an NPU target (static QDQ graphs)")
-    if plan.recipe.changes_graph and plan.quant != target.weights.quant:
+    if not target.static_shapes or target.weights.format not in ("qdq", "float"):
+        raise ExportError(f"target {target.name} is not a static-graph target (static QDQ or float graphs)")
+    if target.weights.format == "qdq" and plan.recipe.changes_graph and plan.quant != target.weights.quant:
         raise ExportError(f"target {target.name} quantizes as QDQ {target.weights.quant}, not {plan.quant}")
     if plan.prefill_chunk < 2:
         raise ExportError("an NPU export needs a prefill chunk of at least 2 (decode is its own T = 1 graph)")

@@ -39,8 +39,10 @@ def npu_example_inputs(variant: Variant, max_context: int, chunk: int) -> tuple[
     return tuple(args)
 
 
-def export_npu_decoder(decoder: TextDecoder, max_context: int, chunk: int) -> onnx.ModelProto:
-    """The decoder for a fixed chunk length `chunk`, every shape static (weights inside the proto)."""
+def export_npu_decoder(decoder: TextDecoder, max_context: int, chunk: int, fuse_norms: bool = True) -> onnx.ModelProto:
+    """The decoder for a fixed chunk length `chunk`, every shape static (weights inside the proto).
+    fuse_norms=False keeps each RMSNorm as its chain of standard ops (opset 21): the coreml target,
+    whose provider has no RMSNormalization."""
     variant = decoder.variant
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -49,5 +51,7 @@ def export_npu_decoder(decoder: TextDecoder, max_context: int, chunk: int) -> on
             input_names=npu_input_names(variant), output_names=output_names(variant),
             opset_version=NPU_OPSET, dynamo=True, optimize=True, verbose=False,
         )
+    if not fuse_norms:
+        return program.model_proto
     model, _ = fuse_rms_norm(program.model_proto)
     return model

@@ -40,10 +40,9 @@ class ExportRequest:
     calibration_media: Path | None = None
 
 
-# What this version builds: one decoder graph (symbolic chunk) with float, MatMulNBits or QDQ int8
-# weights (standard ops: the openvino target), or static QDQ prefill/decode graphs (npu_export.py).
-# Targets that need static float graphs (coreml) are described in targets/ but refused here until
-# their build exists.
+# What this version builds: one decoder graph (symbolic chunk) with float, MatMulNBits or QDQ
+# weights (standard ops: the openvino target), or static prefill/decode graphs (npu_export.py),
+# QDQ (qnn-htp) or float (coreml).
 BUILT_WEIGHT_FORMATS = ("float", "matmulnbits", "qdq")
 
 
@@ -61,7 +60,7 @@ def _apply_target(req: ExportRequest) -> tuple[ExportRequest, Target]:
 def unbuilt_features(target: Target) -> list[str]:
     """What `target` asks for that this version's export does not build."""
     if target.static_shapes:
-        return [] if target.weights.format == "qdq" else [f"static prefill/decode graphs with {target.weights.format} weights"]
+        return [] if target.weights.format in ("qdq", "float") else [f"static prefill/decode graphs with {target.weights.format} weights"]
     return [] if target.weights.format in BUILT_WEIGHT_FORMATS else [f"{target.weights.format} weights in one decoder graph"]
 
 

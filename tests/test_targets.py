@@ -144,13 +144,20 @@ def test_export_records_the_target_and_the_runtime_picks_its_provider(tiny, tmp_
         assert Model.load(only, provider="cpu").provider == "CPUExecutionProvider"
 
 
-def test_cpu_target_defaults_and_refused_targets(tiny):
+def test_cpu_target_defaults_and_every_target_builds(tiny):
     manifest = json.loads((tiny.export("gemma3_sw8") / "manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["providers"] == ["cpu"]
     from gemma_export.plan import ExportRequest, make_plan
 
-    with pytest.raises(ExportError, match="--target coreml needs static prefill/decode graphs with float weights"):
-        make_plan(ExportRequest(checkpoint=str(tiny.checkpoint("gemma3_sw8")), target="coreml"))
+    from gemma_export.plan import unbuilt_features
+
+    assert all(not unbuilt_features(load_target(name)) for name in target_names())  # every target builds
+    raw = copy.deepcopy(_raw("qnn-htp"))  # static graphs of MatMulNBits weights: not a build this version has
+    raw["weights"].update(format="matmulnbits", bits=[4], quant="int4", quants=["int4"])
+    raw["activations"]["dtype"] = "none"
+    assert unbuilt_features(parse_target("qnn-htp", raw)) == ["static prefill/decode graphs with matmulnbits weights"]
+    plan = make_plan(ExportRequest(checkpoint=str(tiny.checkpoint("gemma3_sw8")), target="coreml", max_context=64, prefill_chunk=8))
+    assert (plan.quant, plan.target) == ("fp16", "coreml")
 
 
 def test_the_wheel_carries_every_target(tmp_path):

@@ -1,0 +1,98 @@
+"""The coreml target: static prefill (T = chunk) and decode (T = 1) float graphs, as the NPU build
+makes them, with every op in the CoreML provider's ML Program list (targets/coreml.toml).
+
+CoreML runs only on Apple hardware, so here the graphs run on onnxruntime's CPU provider (the
+target's second provider), through the runtime's NPU-style loop (gemma_runtime/npu_decoder.py),
+against the eager model with DESIGN.md's fp32 budget; `gemma-export check` proves the op list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import PROMPT_LEN, prompt_ids
+from conftest import MAX_CONTEXT, PREFILL_CHUNK
+
+FAMILIES = ["gemma", "gemma3_sw8", "gemma3n"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def coreml_export(tiny, tmp_path_factory):
+    from gemma_export.cli import main
+
+    root, made = tmp_path_factory.mktemp("coreml"), {}
+
+    def get(family: str, quant: str):
+        if (family, quant) not in made:
+            out = root / f"{family}-{quant}"
+            assert main(["--checkpoint", str(tiny.checkpoint(family)), "--target", "coreml", "--quant", quant,
+                         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK), "--quiet",
+                         str(out)]) == 0
+            made[(family, quant)] = out
+        return made[(family, quant)]
+
+    return get
+
+
+def _rows(model, ids: list[int]) -> np.ndarray:
+    """Teacher-forced logits of the runtime's own steps: after the first PROMPT_LEN ids (prefilled
+    in chunks), then after each later id."""
+    model.reset()
+    chunk = model.manifest.prefill_chunk
+    for first in range(0, PROMPT_LEN, chunk):
+        logits = model._step(np.asarray(ids[first:min(first + chunk, PROMPT_LEN)]), first, chunk)
+    rows = [logits[0].copy()]
+    for position in range(PROMPT_LEN, len(ids)):
+        rows.append(model._step(np.asarray(ids[position:position + 1]), position, 1)[0].copy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_coreml_build_is_static_and_in_the_coreml_op_list(family, coreml_export):
+    from gemma_export.check import check_export
+    from gemma_runtime.manifest import read_manifest
+
+    for quant in ("fp32", "fp16"):
+        out = coreml_export(family, quant)
+        manifest = read_manifest(out)
+        assert (manifest.target, manifest.providers, manifest.quant) == ("coreml", ("coreml", "cpu"), quant)
+        assert set(manifest.graphs) == {"prefill", "decode"} and manifest.npu_inputs is not None
+        report = check_export(out)
+        assert report.ok, report.problems
+        for graph in report.graphs:
+            assert graph.static and not graph.unsupported, (graph.name, graph.unsupported)
+            assert not {"Neg", "Gather", "RMSNormalization"} & set(graph.ops), graph.ops
+            assert ("Cast" in graph.ops) == (quant == "fp16")  # float16 weights, cast to float32 in the graph
+        rewrites = manifest.provenance["coreml_rewrites"]
+        assert rewrites["prefill"].get("Neg", 0) > 0  # rotary's rotate-half
+        assert (rewrites["prefill"].get("Gather", 0) > 0) == (family == "gemma3n")  # AltUp's streams
+    sizes = {q: (coreml_export(family, q) / "prefill.onnx.data").stat().st_size for q in ("fp32", "fp16")}
+    assert sizes["fp16"] < 0.6 * sizes["fp32"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_coreml_build_runs_as_eager_does(family, coreml_export, tiny):
+    """fp32: the runtime's static-graph loop on the CPU provider against eager transformers, within
+    DESIGN.md's budget; fp16 weights: the same top-1 tokens, logits a little off."""
+    from gemma_runtime.npu_decoder import NpuModel, load_model
+
+    prompt = prompt_ids()
+    fp32 = load_model(coreml_export(family, "fp32"), provider="cpu")
+    assert isinstance(fp32, NpuModel)
+    tokens = fp32.generate_ids(prompt, max_new_tokens=NEW_TOKENS)
+    assert len(tokens) == NEW_TOKENS
+    ids = prompt + tokens
+    ours = _rows(fp32, ids)[:-1]
+    with torch.no_grad():
+        expected = tiny.reference(family)(torch.tensor([ids])).logits[0].float().numpy()[PROMPT_LEN - 1:-1]
+    diff, scale = float(np.abs(ours - expected).max()), max(1.0, float(np.abs(expected).max()))
+    half = _rows(load_model(coreml_export(family, "fp16"), provider="cpu"), ids)[:-1]
+    top1 = float(np.mean(half.argmax(-1) == expected.argmax(-1)))
+    print(f"\n{family} coreml fp32 vs eager: max |diff| {diff:.3g} (|ref| {scale:.3g}); fp16 weights: max |diff| "
+          f"{float(np.abs(half - expected).max()):.3g}, top-1 {top1:.0%}")
+    assert diff <= 1e-4 * scale
+    assert tokens == [int(t) for t in expected.argmax(-1)]
+    assert top1 >= 0.9
