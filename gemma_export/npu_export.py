@@ -44,6 +44,8 @@ from .package import (
     _staging_folder,
     _token_ids,
     check_out_folder,
+    copy_aux_files,
+    write_encoders_and_tables,
 )
 from .progress import Progress
 from .resources import check_resources
@@ -131,10 +133,7 @@ def write_npu_export(plan: ExportPlan, out: Path, progress: Progress, keep_float
                 media=plan.calibration_media)
         with progress.step("writing host tables (float32)"):
             tables = write_host_tables(variant, plan.tensors, staging, "float32", embed_overrides=hard_rows)
-        tokenizer_files = []
-        for name, path in sorted(plan.aux_files.items()):
-            shutil.copyfile(path, staging / name)
-            tokenizer_files.append(name)
+        tokenizer_files = copy_aux_files(plan, staging)
         if keep_float is not None:
             shutil.copytree(float_dir, keep_float, dirs_exist_ok=True)
         with progress.step("recording calibration inputs"):
@@ -189,7 +188,6 @@ def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, prog
     RMSNorm left as standard ops and the ops the CoreML provider lacks rewritten
     (passes/coreml.py). A multimodal checkpoint's encoders are the cpu target's float graphs
     (encoders.py: static already); `gemma-export check` reports the ops of theirs CoreML lacks."""
-    from .encoders import quantize_encoders, write_encoders
     from .package import _recipe_record
     from .passes import quantize_decoder_files
     from .passes.coreml import coreml_rewrites
@@ -212,17 +210,9 @@ def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, prog
                     report = quantize_decoder_files(staging, file, f"{file}.data", plan.recipe)
             graphs[graph] = _spec(file, onnx.load(str(staging / file), load_external_data=False), f"{file}.data")
         del decoder
-        hard_rows, encoders_record = None, None
-        if plan.encoders is not None:
-            encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
-            encoders_record = quantize_encoders(staging, encoder_graphs, plan.recipe, progress)
-            graphs.update(encoder_graphs)
-        with progress.step(f"writing host tables ({plan.recipe.tables})"):
-            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
-        tokenizer_files = []
-        for name, path in sorted(plan.aux_files.items()):
-            shutil.copyfile(path, staging / name)
-            tokenizer_files.append(name)
+        encoder_graphs, tables, encoders_record = write_encoders_and_tables(plan, staging, progress)
+        graphs.update(encoder_graphs)
+        tokenizer_files = copy_aux_files(plan, staging)
         files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         provenance = _provenance(plan, report, encoders_record)
         provenance["min_onnxruntime"] = STATIC_FLOAT_MIN_ONNXRUNTIME

@@ -275,18 +275,8 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
             report = write_decoder(streamed, staging, DECODER_GRAPH, DECODER_DATA, plan.recipe, progress.tick_weight)
             del streamed
         graph_record = _run_graph_passes(staging, _graph_passes(plan), progress)
-        encoder_graphs, hard_rows, encoders_record = {}, None, None
-        if plan.encoders is not None:
-            from .encoders import quantize_encoders, write_encoders
-
-            encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
-            encoders_record = quantize_encoders(staging, encoder_graphs, plan.recipe, progress)
-        with progress.step(f"writing host tables ({plan.recipe.tables})"):
-            tables = write_host_tables(variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
-        tokenizer_files = []
-        for name, path in sorted(plan.aux_files.items()):
-            shutil.copyfile(path, staging / name)
-            tokenizer_files.append(name)
+        encoder_graphs, tables, encoders_record = write_encoders_and_tables(plan, staging, progress)
+        tokenizer_files = copy_aux_files(plan, staging)
         with progress.step("hashing files"):
             files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
         g = variant.gemma3n
@@ -317,6 +307,28 @@ def write_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest
+
+
+def write_encoders_and_tables(plan: ExportPlan, staging: Path, progress: Progress) -> tuple[dict, dict, dict | None]:
+    """(encoder graph specs, host tables, encoders' provenance): a multimodal checkpoint's float
+    encoders (encoders.py) under the recipe's vision/audio formats, then the host tables in the
+    recipe's row format, the token table carrying the encoders' hard-token rows."""
+    encoder_graphs, hard_rows, encoders_record = {}, None, None
+    if plan.encoders is not None:
+        from .encoders import quantize_encoders, write_encoders
+
+        encoder_graphs, hard_rows = write_encoders(plan.encoders, plan.tensors, plan.aux_files, staging, progress)
+        encoders_record = quantize_encoders(staging, encoder_graphs, plan.recipe, progress)
+    with progress.step(f"writing host tables ({plan.recipe.tables})"):
+        tables = write_host_tables(plan.variant, plan.tensors, staging, plan.recipe.tables, embed_overrides=hard_rows)
+    return encoder_graphs, tables, encoders_record
+
+
+def copy_aux_files(plan: ExportPlan, staging: Path) -> tuple[str, ...]:
+    """The checkpoint's tokenizer (and processor) files copied into the export; their names."""
+    for name, path in sorted(plan.aux_files.items()):
+        shutil.copyfile(path, staging / name)
+    return tuple(sorted(plan.aux_files))
 
 
 def _write_calibrated_export(plan: ExportPlan, out: Path, progress: Progress) -> Manifest:

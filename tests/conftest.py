@@ -50,6 +50,19 @@ class Tiny:
             self._exports[key] = out
         return self._exports[key]
 
+    def target_export(self, family: str, target: str, quant: str) -> Path:
+        """`gemma-export --target TARGET --quant QUANT` of the family, once per session."""
+        key = f"{family}-{target}-{quant}"
+        if key not in self._exports:
+            from gemma_export.cli import main
+
+            out = self.root / "exports" / key
+            assert main(["--checkpoint", str(self.checkpoint(family)), "--target", target, "--quant", quant,
+                         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK), "--quiet",
+                         str(out)]) == 0, f"--target {target} --quant {quant} export of the tiny {family} failed"
+            self._exports[key] = out
+        return self._exports[key]
+
     def reference(self, family: str):
         return checkpoints.reference(family, self.checkpoint(family))
 

@@ -13,28 +13,14 @@ import pytest
 import torch
 
 from checkpoints import PROMPT_LEN, prompt_ids
-from conftest import MAX_CONTEXT, PREFILL_CHUNK
 
 FAMILIES = ["gemma", "gemma3_sw8", "gemma3n"]
 NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def coreml_export(tiny, tmp_path_factory):
-    from gemma_export.cli import main
-
-    root, made = tmp_path_factory.mktemp("coreml"), {}
-
-    def get(family: str, quant: str):
-        if (family, quant) not in made:
-            out = root / f"{family}-{quant}"
-            assert main(["--checkpoint", str(tiny.checkpoint(family)), "--target", "coreml", "--quant", quant,
-                         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK), "--quiet",
-                         str(out)]) == 0
-            made[(family, quant)] = out
-        return made[(family, quant)]
-
-    return get
+def coreml_export(tiny):
+    return lambda family, quant: tiny.target_export(family, "coreml", quant)
 
 
 def _rows(model, ids: list[int]) -> np.ndarray:

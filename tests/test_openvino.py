@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from checkpoints import PROMPT_LEN, prompt_ids, runtime_logits
-from conftest import MAX_CONTEXT, PREFILL_CHUNK
 
 ov = pytest.importorskip("openvino", reason="the test extras install openvino (OpenVINO's runtime)")
 
@@ -51,21 +50,8 @@ class OpenVinoSession:
 
 
 @pytest.fixture(scope="module")
-def ov_export(tiny, tmp_path_factory):
-    from gemma_export.cli import main
-
-    root, made = tmp_path_factory.mktemp("openvino"), {}
-
-    def get(family: str, quant: str):
-        if (family, quant) not in made:
-            out = root / f"{family}-{quant}"
-            assert main(["--checkpoint", str(tiny.checkpoint(family)), "--target", "openvino", "--quant", quant,
-                         "--max-context", str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK), "--quiet",
-                         str(out)]) == 0
-            made[(family, quant)] = out
-        return made[(family, quant)]
-
-    return get
+def ov_export(tiny):
+    return lambda family, quant: tiny.target_export(family, "openvino", quant)
 
 
 def _model(out, session=None):
