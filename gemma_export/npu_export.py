@@ -218,11 +218,26 @@ def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, prog
         provenance["min_onnxruntime"] = STATIC_FLOAT_MIN_ONNXRUNTIME
         provenance["quant_recipe"] = _recipe_record(plan.recipe, report)
         provenance["coreml_rewrites"] = rewrites
+        outside = {name: ops for name, spec in graphs.items()
+                   if (ops := ops_outside(onnx.load(str(staging / spec.file), load_external_data=False), target))}
+        for name, ops in outside.items():  # e.g. the audio tower's masking: CumSum, Where, ...
+            progress.warn(f"{name}: {sum(ops.values())} nodes are ops the {target.name} target's provider does not "
+                          f"take ({', '.join(f'{op} x{n}' for op, n in ops.items())}): they will run on the CPU")
+        provenance["ops_outside_target"] = outside
         manifest = _manifest(plan, target, graphs, tables, files, provenance, tokenizer_files,
                              npu_inputs_spec(variant, plan.max_context))
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest
+
+
+def ops_outside(model: onnx.ModelProto, target: Target) -> dict[str, int]:
+    """Op type -> count of the nodes of `model` that `target`'s provider does not take."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if not target.ops.allows(node.domain, node.op_type):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _calibration_note(folder: Path) -> str:

@@ -16,6 +16,10 @@ class Progress:
         self._bar = None
         self._total_weights = total_weights
 
+    def warn(self, message: str) -> None:
+        """A warning: printed even with --quiet (what the export could not do as the target asks)."""
+        print(f"gemma-export: warning: {message}", file=sys.stderr, flush=True)
+
     @contextlib.contextmanager
     def step(self, what: str):
         start = time.perf_counter()

@@ -52,6 +52,7 @@ def test_the_coreml_build_is_static_and_in_the_coreml_op_list(family, coreml_exp
             assert graph.static and not graph.unsupported, (graph.name, graph.unsupported)
             assert not {"Neg", "Gather", "RMSNormalization"} & set(graph.ops), graph.ops
             assert ("Cast" in graph.ops) == (quant == "fp16")  # float16 weights, cast to float32 in the graph
+        assert manifest.provenance["ops_outside_target"] == {}
         rewrites = manifest.provenance["coreml_rewrites"]
         assert rewrites["prefill"].get("Neg", 0) > 0  # rotary's rotate-half
         assert (rewrites["prefill"].get("Gather", 0) > 0) == (family == "gemma3n")  # AltUp's streams
@@ -82,3 +83,31 @@ def test_the_coreml_build_runs_as_eager_does(family, coreml_export, tiny):
     assert diff <= 1e-4 * scale
     assert tokens == [int(t) for t in expected.argmax(-1)]
     assert top1 >= 0.9
+
+
+def test_ops_outside_the_list_are_counted_and_the_rewrites_remove_neg_and_gather():
+    """A graph with Neg, a constant Gather and a CumSum: ops_outside names all three; after
+    coreml_rewrites only the CumSum is left, and the outputs are unchanged."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gemma_export.npu_export import ops_outside
+    from gemma_export.passes.coreml import coreml_rewrites
+    from gemma_export.targets import load_target
+
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Gather", ["n", "i"], ["g"], axis=1),
+         helper.make_node("CumSum", ["g", "axis"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array(2, np.int64), "i"), numpy_helper.from_array(np.array(1, np.int32), "axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    coreml = load_target("coreml")
+    assert ops_outside(model, coreml) == {"CumSum": 1, "Gather": 1, "Neg": 1}
+    rewritten, counts = coreml_rewrites(model)
+    assert counts == {"Neg": 1, "Gather": 1} and ops_outside(rewritten, coreml) == {"CumSum": 1}
+    onnx.checker.check_model(rewritten)
+    x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    assert np.array_equal(run(model), run(rewritten))
