@@ -142,14 +142,9 @@ def parity(work: Path, families: list[str], quants: list[str], gpu_provider: str
 
 def forced_logits(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
     """runtime_logits' steps with the decode ids given: [len(tokens) + 1, V]."""
-    chunk = model.manifest.prefill_chunk
-    model._cache.reset()
-    for first in range(0, len(prompt), chunk):
-        last = model._step(np.asarray(prompt[first:first + chunk], dtype=np.int64), first, chunk)
-    logits = [last[0]]
-    for k, token in enumerate(tokens):
-        logits.append(model._step(np.asarray([token], dtype=np.int64), len(prompt) + k, 1)[0])
-    return np.stack(logits)
+    from checkpoints import teacher_forced_logits
+
+    return teacher_forced_logits(model, prompt + tokens, len(prompt))
 
 
 def _parity_line(row: dict) -> str:

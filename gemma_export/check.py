@@ -127,6 +127,13 @@ def placement(path: Path, provider: str) -> Placement:
     return Placement(provider, dict(nodes), dict(off))
 
 
+def ops_outside(model, target: Target) -> dict[str, int]:
+    """Op name -> count of the nodes of `model` (functions included) that `target`'s provider
+    does not take, sorted by name."""
+    counts = Counter(_op_name(n.domain, n.op_type) for n in _all_nodes(model) if not target.ops.allows(n.domain, n.op_type))
+    return dict(sorted(counts.items()))
+
+
 def check_graph(folder: Path, name: str, file: str, data_file: str | None, target: Target,
                 providers: tuple[str, ...]) -> GraphReport:
     import onnx
@@ -134,10 +141,7 @@ def check_graph(folder: Path, name: str, file: str, data_file: str | None, targe
     path = folder / file
     model = onnx.load(str(path), load_external_data=False)
     ops = Counter(_op_name(n.domain, n.op_type) for n in _all_nodes(model))
-    unsupported: Counter = Counter()
-    for n in _all_nodes(model):
-        if not target.ops.allows(n.domain, n.op_type):
-            unsupported[_op_name(n.domain, n.op_type)] += 1
+    unsupported = ops_outside(model, target)
     dynamic = _dynamic_dims(model)
     del model
     from gemma_runtime.providers import PROVIDERS, is_available
@@ -146,7 +150,7 @@ def check_graph(folder: Path, name: str, file: str, data_file: str | None, targe
     size = path.stat().st_size + ((folder / data_file).stat().st_size if data_file else 0)
     return GraphReport(
         name=name, file=file, static=not dynamic, dynamic_dims=tuple(dynamic), nodes=sum(ops.values()),
-        ops=dict(sorted(ops.items())), unsupported=dict(sorted(unsupported.items())),
+        ops=dict(sorted(ops.items())), unsupported=unsupported,
         placements=tuple(placement(path, p) for p in installed),
         not_installed=tuple(p for p in providers if p not in installed), bytes=size,
     )

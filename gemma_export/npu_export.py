@@ -188,6 +188,7 @@ def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, prog
     RMSNorm left as standard ops and the ops the CoreML provider lacks rewritten
     (passes/coreml.py). A multimodal checkpoint's encoders are the cpu target's float graphs
     (encoders.py: static already); `gemma-export check` reports the ops of theirs CoreML lacks."""
+    from .check import ops_outside
     from .package import _recipe_record
     from .passes import quantize_decoder_files
     from .passes.coreml import coreml_rewrites
@@ -229,15 +230,6 @@ def _write_static_float_export(plan: ExportPlan, target: Target, out: Path, prog
         (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         _move_into_place(staging, out)
     return manifest
-
-
-def ops_outside(model: onnx.ModelProto, target: Target) -> dict[str, int]:
-    """Op type -> count of the nodes of `model` that `target`'s provider does not take."""
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        if not target.ops.allows(node.domain, node.op_type):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _calibration_note(folder: Path) -> str:

@@ -280,3 +280,17 @@ def runtime_logits(model, prompt: list[int], steps: int) -> tuple[np.ndarray, li
         tokens.append(int(np.argmax(logits[-1])))
         logits.append(model._step(np.asarray(tokens[-1:], dtype=np.int64), len(prompt) + k, 1)[0])
     return np.stack(logits), tokens
+
+
+def teacher_forced_logits(model, ids: list[int], prompt_len: int = PROMPT_LEN) -> np.ndarray:
+    """Logits [len(ids) - prompt_len + 1, V] of the runtime's own steps (a Model or an NpuModel):
+    the first `prompt_len` ids prefilled in chunks, then one decode step per later id. Every model
+    fed the same ids, their logits compare position by position."""
+    chunk = model.manifest.prefill_chunk
+    model.reset()
+    for first in range(0, prompt_len, chunk):
+        last = model._step(np.asarray(ids[first:min(first + chunk, prompt_len)], dtype=np.int64), first, chunk)
+    rows = [last[0].copy()]
+    for position in range(prompt_len, len(ids)):
+        rows.append(model._step(np.asarray(ids[position:position + 1], dtype=np.int64), position, 1)[0].copy())
+    return np.stack(rows)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import PROMPT_LEN, prompt_ids
+from checkpoints import PROMPT_LEN, prompt_ids, teacher_forced_logits
 
 FAMILIES = ["gemma", "gemma3_sw8", "gemma3n"]
 NEW_TOKENS = 32
@@ -21,19 +21,6 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def coreml_export(tiny):
     return lambda family, quant: tiny.target_export(family, "coreml", quant)
-
-
-def _rows(model, ids: list[int]) -> np.ndarray:
-    """Teacher-forced logits of the runtime's own steps: after the first PROMPT_LEN ids (prefilled
-    in chunks), then after each later id."""
-    model.reset()
-    chunk = model.manifest.prefill_chunk
-    for first in range(0, PROMPT_LEN, chunk):
-        logits = model._step(np.asarray(ids[first:min(first + chunk, PROMPT_LEN)]), first, chunk)
-    rows = [logits[0].copy()]
-    for position in range(PROMPT_LEN, len(ids)):
-        rows.append(model._step(np.asarray(ids[position:position + 1]), position, 1)[0].copy())
-    return np.stack(rows)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,11 +59,11 @@ def test_the_coreml_build_runs_as_eager_does(family, coreml_export, tiny):
     tokens = fp32.generate_ids(prompt, max_new_tokens=NEW_TOKENS)
     assert len(tokens) == NEW_TOKENS
     ids = prompt + tokens
-    ours = _rows(fp32, ids)[:-1]
+    ours = teacher_forced_logits(fp32, ids)[:-1]
     with torch.no_grad():
         expected = tiny.reference(family)(torch.tensor([ids])).logits[0].float().numpy()[PROMPT_LEN - 1:-1]
     diff, scale = float(np.abs(ours - expected).max()), max(1.0, float(np.abs(expected).max()))
-    half = _rows(load_model(coreml_export(family, "fp16"), provider="cpu"), ids)[:-1]
+    half = teacher_forced_logits(load_model(coreml_export(family, "fp16"), provider="cpu"), ids)[:-1]
     top1 = float(np.mean(half.argmax(-1) == expected.argmax(-1)))
     print(f"\n{family} coreml fp32 vs eager: max |diff| {diff:.3g} (|ref| {scale:.3g}); fp16 weights: max |diff| "
           f"{float(np.abs(half - expected).max()):.3g}, top-1 {top1:.0%}")
@@ -92,7 +79,7 @@ def test_ops_outside_the_list_are_counted_and_the_rewrites_remove_neg_and_gather
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gemma_export.npu_export import ops_outside
+    from gemma_export.check import ops_outside
     from gemma_export.passes.coreml import coreml_rewrites
     from gemma_export.targets import load_target
 

@@ -24,7 +24,7 @@ import onnx
 import pytest
 import torch
 
-from checkpoints import PROMPT_LEN, prompt_ids, runtime_logits
+from checkpoints import PROMPT_LEN, prompt_ids, runtime_logits, teacher_forced_logits
 
 ov = pytest.importorskip("openvino", reason="the test extras install openvino (OpenVINO's runtime)")
 
@@ -127,20 +127,6 @@ def test_openvino_runs_the_fp32_build_as_eager_does(family, ov_export, tiny):
     assert tokens == [int(t) for t in expected[:-1].argmax(-1)]
 
 
-def forced_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits [len(ids) - PROMPT_LEN + 1, V] of the runtime's own steps: the first PROMPT_LEN ids
-    prefilled in chunks, then one decode step per later id (teacher forcing: every model sees the
-    same ids, so their logits compare position by position)."""
-    chunk = model.manifest.prefill_chunk
-    model._cache.reset()
-    for first in range(0, PROMPT_LEN, chunk):
-        last = model._step(np.asarray(ids[first:min(first + chunk, PROMPT_LEN)], dtype=np.int64), first, chunk)
-    rows = [last[0].copy()]
-    for position in range(PROMPT_LEN, len(ids)):
-        rows.append(model._step(np.asarray(ids[position:position + 1], dtype=np.int64), position, 1)[0].copy())
-    return np.stack(rows)
-
-
 # top-1 agreement with the fp32 build a little below what was measured on 33 positions of random
 # tiny weights (flat logits): float arithmetic / OpenVINO's int8 activations
 TOP1_FLOORS = {"int8": (0.8, 0.75), "int4": (0.6, 0.55)}
@@ -160,13 +146,13 @@ def test_openvino_runs_the_qdq_build_as_onnxruntime_runs_the_cpu_one(family, qua
     prompt = prompt_ids()
     fp32 = _model(ov_export(family, "fp32"))
     ids = prompt + runtime_logits(fp32, prompt, NEW_TOKENS)[1]
-    reference = forced_logits(fp32, ids)
+    reference = teacher_forced_logits(fp32, ids)
     nbits = requantize_export(tiny.export(family), tmp_path / "cpu", make_recipe(quant, RecipeOptions(accuracy_level=0)))
     assert nbits.provenance["quant_recipe"]["mlp"]["storage"] == "matmulnbits"
-    cpu = forced_logits(_model(tmp_path / "cpu"), ids)
-    theirs = forced_logits(_model(out, _onnxruntime_exact(out)), ids)
-    ours = forced_logits(_model(out, OpenVinoSession(out / "decoder.onnx", EXACT)), ids)
-    fast = forced_logits(_model(out, OpenVinoSession(out / "decoder.onnx", F32)), ids)
+    cpu = teacher_forced_logits(_model(tmp_path / "cpu"), ids)
+    theirs = teacher_forced_logits(_model(out, _onnxruntime_exact(out)), ids)
+    ours = teacher_forced_logits(_model(out, OpenVinoSession(out / "decoder.onnx", EXACT)), ids)
+    fast = teacher_forced_logits(_model(out, OpenVinoSession(out / "decoder.onnx", F32)), ids)
     scale = max(1.0, float(np.abs(theirs).max()))
     diff, to_cpu = float(np.abs(ours - theirs).max()), float(np.abs(ours - cpu).max())
     top1 = lambda a: float(np.mean(a.argmax(-1) == reference.argmax(-1)))  # noqa: E731

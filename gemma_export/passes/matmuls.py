@@ -191,7 +191,7 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
             written = []  # per part: (MatMulNBits or DequantizeLinear inputs, offsets tensor or None)
             for name, (a, e) in zip(names, parts):
                 if qdq:
-                    tensors = _qdq_tensors(codes, a, e, name, store, fmt)
+                    tensors = _qdq_tensors(codes, a, e, name, store)
                 else:
                     tensors = [store.write(f"{name}.weight_Q{fmt.bits}", b[a:e]),
                                store.write(f"{name}.scales", scales.reshape(n, -1)[a:e].reshape(-1))]
@@ -284,18 +284,19 @@ def _float16_weight(w: np.ndarray, stem: str, store: TensorStore, module: str):
     return [t16], err, cast
 
 
-def _qdq_tensors(codes: blockwise.BlockCodes, a: int, e: int, name: str, store: TensorStore, fmt) -> list[onnx.TensorProto]:
+def _qdq_tensors(codes: blockwise.BlockCodes, a: int, e: int, name: str, store: TensorStore) -> list[onnx.TensorProto]:
     """Output columns [a, e) of a weight's block codes as opset 21's blocked DequantizeLinear takes
     them (axis 0): codes [K, e - a], scales [n_blocks, e - a](, zero points likewise). Symmetric
     and affine codes (zero point 2^(bits-1): affine's offsets go beside, as for MatMulNBits) are
     shifted to signed int8/int4 without zero points; asymmetric ones stay unsigned with theirs."""
     q = codes.codes[a:e].reshape(e - a, -1)[:, :codes.k].T  # [K, cols], the last block's padding dropped
     signed = codes.symmetric or codes.zero_points.dtype == np.float32
-    shift = 2 ** (fmt.bits - 1) if signed else 0
-    tensors = [_int_tensor(store, f"{name}.weight_q{fmt.bits}", q.astype(np.int16) - shift, fmt.bits, signed),
+    bits = codes.bits
+    shift = 2 ** (bits - 1) if signed else 0
+    tensors = [_int_tensor(store, f"{name}.weight_q{bits}", q.astype(np.int16) - shift, bits, signed),
                store.write(f"{name}.weight_scales", np.ascontiguousarray(codes.scales[a:e].T))]
     if not signed:
-        tensors.append(_int_tensor(store, f"{name}.weight_zero_points", codes.zero_points[a:e].T, fmt.bits, False))
+        tensors.append(_int_tensor(store, f"{name}.weight_zero_points", codes.zero_points[a:e].T, bits, False))
     return tensors
 
 
