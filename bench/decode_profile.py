@@ -134,7 +134,8 @@ def main() -> None:
     models = {loops[0]: first}
     for loop in loops[1:]:
         models[loop] = Model(first.folder, first.manifest, first._session, first._embed, first._per_layer,
-                             first.provider, io_binding=loop == "binding")
+                             first.provider, io_binding=loop == "binding",
+                             table_inputs=tuple(first._table_inputs.items()))
     rss_models = _rss_mib()
     rng = np.random.default_rng(0)
     prompt = [first.manifest.tokens.bos] + rng.integers(1000, 20000, args.prompt_tokens - 1).tolist()
@@ -165,7 +166,7 @@ def main() -> None:
         session, _ = open_session(args.out / graph.file, first.provider, args.threads,
                                   profile=os.path.join(scratch, "ort"))
         profiled = Model(first.folder, first.manifest, session, first._embed, first._per_layer, first.provider,
-                         io_binding=loops[0] == "binding")
+                         io_binding=loops[0] == "binding", table_inputs=tuple(first._table_inputs.items()))
         del models, first, model
         profiled.generate_ids(prompt, max_new_tokens=args.new_tokens)
         trace = Path(session.end_profiling())

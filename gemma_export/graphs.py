@@ -16,7 +16,7 @@ from torch import nn
 
 from gemma_runtime.manifest import KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOWED
 
-from .model.gqa import CUSTOM_TRANSLATION, windowed_capacity
+from .model.gqa import CUSTOM_TRANSLATION, layer_windowed_rows
 from .model.text import GROUP_QUERY, TWO_BLOCK, TextDecoder
 from .variants import SLIDING, Variant
 
@@ -30,9 +30,7 @@ CHUNK_DIM = "T"
 
 
 def _windowed(variant: Variant, layer: int, max_context: int) -> int | None:
-    if variant.layer_types[layer] != SLIDING or not variant.sliding_window:
-        return None
-    return windowed_capacity(variant.sliding_window, max_context)
+    return layer_windowed_rows(variant, layer, max_context)
 
 
 def kv_layout(variant: Variant, max_context: int, attention: str) -> str:
@@ -69,10 +67,23 @@ def input_names(variant: Variant) -> list[str]:
     return names
 
 
+def shared_layers(variant: Variant) -> tuple[int, ...]:
+    """Gemma 3n's KV-shared layers: no cache of their own."""
+    return tuple(i for i in range(variant.num_layers) if variant.kv_source(i) != i)
+
+
+def reader_names(layer: int) -> tuple[str, str]:
+    """Group-query graphs: the present outputs of KV-shared layer `layer`, which the runtime binds
+    to its producer's buffers (manifest CacheSpec.readers)."""
+    return f"present_key.{layer}", f"present_value.{layer}"
+
+
 def output_names(variant: Variant, attention: str = TWO_BLOCK) -> list[str]:
     names = ["logits"]
     for layer in variant.cache_layers:
         names += [cache_names(layer, attention)["new_key"], cache_names(layer, attention)["new_value"]]
+    if attention == GROUP_QUERY:
+        names += [n for layer in shared_layers(variant) for n in reader_names(layer)]
     return names
 
 

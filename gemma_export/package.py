@@ -32,8 +32,8 @@ from gemma_runtime.manifest import (
 
 from . import __version__
 from .errors import ExportError
-from .graphs import OPSET, cache_length, cache_names, input_names, kv_layout, output_names
-from .model.text import GROUP_QUERY, TWO_BLOCK, supports_group_query
+from .graphs import OPSET, cache_length, cache_names, input_names, kv_layout, output_names, reader_names, shared_layers
+from .model.text import GROUP_QUERY, TWO_BLOCK
 from .host_tables import quantize_table_file, write_host_tables
 from .progress import Progress
 from .recipes import HostRows, Recipe, fp32
@@ -94,11 +94,10 @@ def _sha256(path: Path) -> str:
 
 
 def export_attention(plan: ExportPlan) -> str:
-    """The attention form of the decoder graph: the target's, where the family allows it
-    (GroupQueryAttention cannot serve Gemma 3n's KV-shared layers: those keep two-block), and not
-    under `--graph-passes none`, which asks for a standard-ONNX graph (the op is a contrib op)."""
+    """The attention form of the decoder graph: the target's, except under `--graph-passes none`,
+    which asks for a standard-ONNX graph (GroupQueryAttention is a contrib op)."""
     wanted = load_target(plan.target).attention
-    if wanted == TWO_BLOCK or not supports_group_query(plan.variant) or not _graph_passes(plan):
+    if wanted == TWO_BLOCK or not _graph_passes(plan):
         return TWO_BLOCK
     return wanted
 
@@ -117,6 +116,11 @@ def _graph_spec(variant: Variant, plan: ExportPlan, attention: str) -> GraphSpec
         new = past if attention == GROUP_QUERY else (1, variant.num_kv_heads, T, variant.head_dim)
         inputs += [TensorSpec(names["past_key"], "float32", past), TensorSpec(names["past_value"], "float32", past)]
         outputs += [TensorSpec(names["new_key"], "float32", new), TensorSpec(names["new_value"], "float32", new)]
+    if attention == GROUP_QUERY:  # KV-shared layers' presents: their producer's buffer
+        for layer in shared_layers(variant):
+            source = variant.kv_source(layer)
+            past = (1, variant.num_kv_heads, cache_length(variant, source, plan.max_context, attention), variant.head_dim)
+            outputs += [TensorSpec(name, "float32", past) for name in reader_names(layer)]
     assert [t.name for t in inputs] == input_names(variant) and [t.name for t in outputs] == output_names(variant, attention)
     spec = GraphSpec(file=DECODER_GRAPH, data_file=DECODER_DATA, inputs=tuple(inputs), outputs=tuple(outputs))
     return with_table_inputs(spec, plan.recipe, variant.vocab_size, h)
@@ -147,8 +151,10 @@ def _caches(variant: Variant, max_context: int, attention: str = TWO_BLOCK) -> t
     specs = []
     for layer in variant.cache_layers:
         kind = "sliding" if variant.layer_types[layer] == SLIDING and variant.sliding_window else "global"
+        readers = tuple(reader_names(i) for i in shared_layers(variant) if variant.kv_source(i) == layer)
         specs.append(CacheSpec(layer=layer, kind=kind, length=cache_length(variant, layer, max_context, attention),
-                               kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, **cache_names(layer, attention)))
+                               kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, **cache_names(layer, attention),
+                               readers=readers if attention == GROUP_QUERY else ()))
     return tuple(specs)
 
 

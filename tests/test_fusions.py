@@ -28,7 +28,6 @@ from gemma_export.passes.graph_passes import GRAPH_PASSES, apply_graph_passes, p
 from gemma_export.recipes import fp32, int8
 
 FAMILIES = ("gemma", "gemma3_sw8", "gemma3n")
-TWO_BLOCK_FAMILIES = ("gemma3n",)  # fused exports whose caches are the unfused graph's (KV sharing)
 FUSED = ("SimplifiedLayerNormalization", "com.microsoft:SkipSimplifiedLayerNormalization", "com.microsoft:FastGelu")
 DECODE_STEPS = 12
 REAL_NEW_TOKENS = 32
@@ -59,10 +58,25 @@ def unfused(tiny):
     return lambda family: tiny.export(family, graph_passes="none")
 
 
+@pytest.fixture(scope="module")
+def fused_two_block(unfused, tmp_path_factory):
+    """family -> the unfused export with the fusions added afterwards (requantize_export): the
+    contrib-op fusions on the two-block graph, whose caches are the unfused graph's."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(f"fused-two-block-{family}")
+            requantize_export(unfused(family), made[family], fp32(), graph_passes=("ort-fusions",))
+        return made[family]
+
+    return get
+
+
 def test_cpu_target_layouts(tiny, unfused):
-    """GroupQueryAttention where the family has no KV sharing, two-block elsewhere and unfused."""
+    """GroupQueryAttention for every family (Gemma 3n's KV-shared layers included), two-block unfused."""
     for family, layout in (("gemma", "shared_buffer"), ("gemma3_sw8", "shared_buffer_windowed"),
-                           ("gemma3n", "past_and_new_blocks")):
+                           ("gemma3n", "shared_buffer_windowed")):
         assert _kv_layout(tiny.export(family)) == layout, family
         assert _kv_layout(unfused(family)) == "past_and_new_blocks", family
 
@@ -105,15 +119,16 @@ def test_fused_graph_is_smaller_with_contrib_ops(tiny, unfused, family):
     assert _record(unfused(family))["passes"] == []
 
 
-@pytest.mark.parametrize("family", TWO_BLOCK_FAMILIES)
-def test_fused_outputs_match_unfused(tiny, unfused, family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_outputs_match_unfused(fused_two_block, unfused, family):
     """Every output (logits and new KV rows) of a part-padded prefill chunk and of decode steps at
     positions past the sliding window, on random caches. Graphs of the same KV layout only: the
     GroupQueryAttention ones are compared through the runtime (test_fused_greedy_tokens_match_unfused)."""
-    assert _kv_layout(tiny.export(family)) == _kv_layout(unfused(family))
+    assert _kv_layout(fused_two_block(family)) == _kv_layout(unfused(family))
+    assert _op_types(fused_two_block(family))["com.microsoft:RotaryEmbedding"] > 0
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    fused = ort.InferenceSession(str(tiny.export(family) / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(fused_two_block(family) / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     plain = ort.InferenceSession(str(unfused(family) / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
     for seed, (chunk, position, valid) in enumerate([(8, 0, 8), (8, 16, 5), (1, 9, 1), (1, 40, 1), (1, 63, 1)]):
         feeds = _feeds(plain, chunk, position, valid, seed)
@@ -151,14 +166,16 @@ def test_requantized_fused_export_keeps_matmulnbits_and_fusions(tiny, unfused, t
     _close(a, b)
 
 
-def test_requantize_can_add_passes_but_not_undo_them(tiny, unfused, tmp_path):
+def test_requantize_can_add_passes_but_not_undo_them(tiny, unfused, fused_two_block):
     with pytest.raises(ExportError, match="cannot undo"):
-        requantize_export(tiny.export("gemma"), tmp_path / "x", fp32(), graph_passes=())
+        requantize_export(tiny.export("gemma"), fused_two_block("gemma3n").parent / "x", fp32(), graph_passes=())
     # the passes run on the graph as exported: the attention form stays (GroupQueryAttention is
-    # chosen at export time), so the result equals the cpu target's export where that is two-block
-    out = requantize_export(unfused("gemma3n"), tmp_path / "fused", fp32(), graph_passes=("ort-fusions",))
-    assert out.provenance["graph_passes"]["nodes_after"] == sum(_op_types(tmp_path / "fused").values())
-    assert _op_types(tmp_path / "fused") == _op_types(tiny.export("gemma3n"))
+    # chosen at export time), so the added fusions leave the two-block caches
+    fused = fused_two_block("gemma3n")
+    record = _record(fused)
+    assert record["passes"] == ["ort-fusions"]
+    assert record["nodes_after"] == sum(_op_types(fused).values()) < record["nodes_before"] == sum(_op_types(unfused("gemma3n")).values())
+    assert _kv_layout(fused) == "past_and_new_blocks" and _op_types(fused)["com.microsoft:GroupQueryAttention"] == 0
 
 
 def test_passes_are_pure_and_idempotent(unfused):

@@ -5,7 +5,9 @@
   nothing but matrix products: no Concat of past and new rows, no Transpose or Expand copy;
   in a GroupQueryAttention graph (kv_layout "shared_buffer" or "shared_buffer_windowed"), each
   feeds one such node directly, whose present output is the graph output the runtime binds to
-  the same buffer, windowed (sliding_window_cache) for the sliding layers of the latter;
+  the same buffer, windowed (sliding_window_cache) for the sliding layers of the latter; Gemma 3n's
+  KV-shared layers' nodes take their producer's present as past, and their presents are graph
+  outputs bound to the producer's buffer (manifest CacheSpec.readers);
 - the token table stays on the host and the tied LM head is its own constant: the only
   vocabulary-sized initializer is `lm_head_t` [H, V], with no Transpose of it in the graph.
 """
@@ -61,15 +63,31 @@ def test_cache_is_read_in_place(family, tiny, tmp_path):
     assert (needs >= (1, 29)) == windowed, needs
     assert consumers == {"GroupQueryAttention": len(manifest["caches"])}, consumers
     dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    for node in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+    outputs = {o.name for o in model.graph.output}
+    readers = {pair[0]: (spec, pair) for spec in manifest["caches"] for pair in spec.get("readers", [])}
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == len(manifest["caches"]) + len(readers)
+    assert bool(readers) == (family == "gemma3n")  # Gemma 3n's KV-shared layers read in place too
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.output[1] in readers:
+            # a KV-shared layer: its past is its producer's present, its present a graph output
+            # that the runtime binds to the same buffer; the producer's buffer is linear (a
+            # windowed one would be shifted twice)
+            spec, pair = readers[node.output[1]]
+            assert (node.input[3], node.input[4]) == (spec["new_key"], spec["new_value"])
+            assert tuple(node.output[1:3]) == tuple(pair) and set(pair) <= outputs
+            assert attrs.get("sliding_window_cache", 0) == 0 and spec["length"] == manifest["max_context"]
+            continue
         past_key, past_value = node.input[3], node.input[4]
         spec = next(c for c in manifest["caches"] if c["past_key"] == past_key)
         assert (past_value, node.output[1], node.output[2]) == (spec["past_value"], spec["new_key"], spec["new_value"])
-        # sliding layers keep the op's windowed buffer (a little more than the window), global ones a linear one
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs.get("sliding_window_cache", 0) == int(windowed and spec["kind"] == "sliding")
-        assert dims[past_key][2] == spec["length"] == (manifest["max_context"] if spec["kind"] == "global"
-                                                       else manifest["sliding_window"] + 1)
+        # sliding layers keep the op's windowed buffer (a little more than the window), global ones
+        # and the producers of KV-shared layers a linear one
+        sliding_windowed = windowed and spec["kind"] == "sliding" and not spec.get("readers")
+        assert attrs.get("sliding_window_cache", 0) == int(sliding_windowed)
+        assert dims[past_key][2] == spec["length"] == (manifest["sliding_window"] + 1 if sliding_windowed
+                                                       else manifest["max_context"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

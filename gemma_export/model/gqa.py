@@ -38,6 +38,8 @@ import onnxscript
 import torch
 from gemma_runtime.prompt_cache import resident_rows  # the op's windowed layout, shared with the runtime
 
+from ..variants import SLIDING, Variant
+
 
 def _schema() -> onnx.defs.OpSchema:
     """The part of com.microsoft's GroupQueryAttention schema we emit: onnx's Python package has no
@@ -71,6 +73,18 @@ def windowed_capacity(window: int, max_context: int) -> int | None:
     if window <= 0 or window >= max_context:
         return None
     return min(window + max(1, window // WINDOW_SLACK_DIVISOR), max_context)
+
+
+def layer_windowed_rows(variant: Variant, layer: int, max_context: int) -> int | None:
+    """Rows of the windowed cache of a layer that owns one, or None where its buffer is linear: a
+    global layer, a window that covers the context, or a cache that Gemma 3n's KV-shared layers
+    read too. Those layers' ops write the producer's rows into its buffer a second time (in place,
+    the same values); on a windowed buffer the second op would shift the window a second time."""
+    if variant.layer_types[layer] != SLIDING or not variant.sliding_window:
+        return None
+    if any(variant.kv_source(i) == layer for i in range(variant.num_layers) if i != layer):
+        return None
+    return windowed_capacity(variant.sliding_window, max_context)
 
 
 @dataclass(frozen=True)

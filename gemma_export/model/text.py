@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..variants import SLIDING, Variant
-from .gqa import GqaInputs, group_query_attention, windowed_capacity
+from .gqa import GqaInputs, group_query_attention, layer_windowed_rows
 from .layers import (
     SQRT2_INV,
     RMSNorm,
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         masks: the two-block masks, or GqaInputs for the fused op (model/gqa.py).
         Returns (output, (k_new, v_new)), or with GqaInputs (output, (present_key, present_value))."""
         if isinstance(masks, GqaInputs):
-            return self._fused(x, past, masks)
+            return self._fused(x, past, shared_new, masks)
         q = self._heads(self.q_proj(x), self.variant.num_heads)
         if self.variant.qk_norm:
             q = self.q_norm(q)
@@ -77,18 +77,31 @@ class Attention(nn.Module):
         out = two_block_attention(q, *past, *new, *masks, self.variant.attn_scale, self.variant.attn_logit_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(1, x.shape[1], -1)), new
 
-    def _fused(self, x, past, gqa: GqaInputs):
+    def _fused(self, x, past, shared_new, gqa: GqaInputs):
         """GroupQueryAttention: normed, not yet roped q/k in [1,T,heads*d]; the op ropes them and
-        writes k/v into the cache buffer it returns as present."""
+        writes k/v into the cache buffer it returns as present. A KV-shared layer (Gemma 3n) gets
+        its producer's present as `past` and the producer's op inputs as `shared_new`: its op writes
+        the same rows into the same buffer again (the runtime binds both presents to one buffer,
+        manifest CacheSpec.readers), so it reads the producer's cache in place.
+        Returns (output, (present_key, present_value, key, value)): key/value are the op's inputs."""
         v, chunk = self.variant, x.shape[1]
         q = self._heads(self.q_proj(x), v.num_heads)
-        k = self._heads(self.k_proj(x), v.num_kv_heads)
         if v.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
+        if self.owns_kv:
+            k = self._heads(self.k_proj(x), v.num_kv_heads)
+            value = self.v_proj(x)
+            if v.qk_norm:
+                k = self.k_norm(k)
+            if self.v_norm is not None:
+                value = self.v_norm(self._heads(value, v.num_kv_heads))
+            k, value = k.reshape(1, chunk, -1), value.reshape(1, chunk, -1)
+        else:
+            k, value = shared_new
         out, present_key, present_value = group_query_attention(
-            q.reshape(1, chunk, -1), k.reshape(1, chunk, -1), self.v_proj(x), *past, gqa.seqlens_k, gqa.total,
+            q.reshape(1, chunk, -1), k, value, *past, gqa.seqlens_k, gqa.total,
             gqa.cos, gqa.sin, v.num_heads, v.num_kv_heads, v.attn_scale, gqa.window, int(gqa.windowed))
-        return self.o_proj(out), (present_key, present_value)
+        return self.o_proj(out), (present_key, present_value, k, value)
 
 
 class MLP(nn.Module):
@@ -224,11 +237,6 @@ TWO_BLOCK, GROUP_QUERY = "two-block", "group-query"
 ATTENTIONS = (TWO_BLOCK, GROUP_QUERY)
 
 
-def supports_group_query(variant: Variant) -> bool:
-    """GroupQueryAttention writes the cache it reads: a KV-shared layer (Gemma 3n) has none."""
-    return all(variant.kv_source(i) == i for i in range(variant.num_layers))
-
-
 class TextDecoder(nn.Module):
     """The whole decoder as one graph; `forward` is what torch.onnx.export traces."""
 
@@ -239,8 +247,6 @@ class TextDecoder(nn.Module):
         self.max_context = max_context
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if attention == GROUP_QUERY and not supports_group_query(v):
-            raise ValueError(f"{v.family}: GroupQueryAttention cannot read another layer's cache (KV sharing)")
         self.attention = attention
         if attention == GROUP_QUERY:
             # the op's rotary tables, one pair per layer kind, for every position of the context;
@@ -298,7 +304,7 @@ class TextDecoder(nn.Module):
         v = self.variant
         chunk = inputs_embeds.shape[1]
         if self.attention == GROUP_QUERY:
-            return self._forward_fused(inputs_embeds, position, valid, past)
+            return self._forward_fused(inputs_embeds, per_layer_inputs, position, valid, past)
         positions = (position + torch.arange(chunk, dtype=torch.int64)).to(torch.float32)
         rope = {t: rope_tables(v, t, positions) for t in set(v.layer_types)}
         cache_layers = v.cache_layers
@@ -329,23 +335,41 @@ class TextDecoder(nn.Module):
 
         return self._logits(hidden, valid), [t for layer in cache_layers for t in new_rows[layer]]
 
-    def _forward_fused(self, inputs_embeds, position, valid, past):
-        """GroupQueryAttention graph: returns (logits, [present_key, present_value] per layer)."""
+    def _forward_fused(self, inputs_embeds, per_layer_inputs, position, valid, past):
+        """GroupQueryAttention graph: returns (logits, [present_key, present_value] per cache layer,
+        then per KV-shared layer)."""
         v = self.variant
         chunk = inputs_embeds.shape[1]
         last_row = (position + chunk - 1).to(torch.int32)
         total = last_row.reshape(()) + 1
         windows = {t: v.sliding_window if t == SLIDING and v.sliding_window else -1 for t in set(v.layer_types)}
         kinds = {
-            t: GqaInputs(last_row, total, getattr(self, f"rope_cos_{t}"), getattr(self, f"rope_sin_{t}"), window,
-                         windowed_capacity(window, self.max_context) is not None)
-            for t, window in windows.items()
+            (t, windowed): GqaInputs(last_row, total, getattr(self, f"rope_cos_{t}"), getattr(self, f"rope_sin_{t}"),
+                                     window, windowed)
+            for t, window in windows.items() for windowed in (False, True)
         }
-        hidden, presents = inputs_embeds, []
+        cache_layers = v.cache_layers
+        past_of = {layer: (past[2 * i], past[2 * i + 1]) for i, layer in enumerate(cache_layers)}
+        if v.gemma3n:
+            per_layer = self._per_layer_inputs(inputs_embeds, per_layer_inputs)
+            hidden = self._altup_streams(inputs_embeds)
+        else:
+            hidden = inputs_embeds
+        produced: dict[int, tuple] = {}  # cache layer -> (present_key, present_value, key, value)
+        reader_presents = []  # the KV-shared layers' presents: the same buffers, in layer order
         for i, layer in enumerate(self.layers):
-            hidden, present = layer(hidden, None, None, (past[2 * i], past[2 * i + 1]), None, kinds[v.layer_types[i]])
-            presents += present
-        return self._logits(hidden, valid), presents
+            source = v.kv_source(i)
+            shared = produced.get(source)
+            past_kv = past_of[i] if shared is None else shared[:2]
+            hidden, new = layer(hidden, None, None, past_kv, None if shared is None else shared[2:],
+                                kinds[(v.layer_types[i], layer_windowed_rows(v, source, self.max_context) is not None)],
+                                per_layer[:, :, i, :] if v.gemma3n else None)
+            if shared is None:
+                produced[i] = new
+            else:
+                reader_presents += new[:2]
+        presents = [t for layer in cache_layers for t in produced[layer][:2]]
+        return self._logits(hidden, valid), presents + reader_presents
 
     def _logits(self, hidden, valid):
         v = self.variant

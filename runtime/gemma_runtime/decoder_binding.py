@@ -112,6 +112,9 @@ class DecoderBinding:
             if self._in_place:  # present = past: onnxruntime's GroupQueryAttention writes in place
                 _bind_output(binding, spec.new_key, key)
                 _bind_output(binding, spec.new_value, value)
+                for reader_key, reader_value in spec.readers:  # KV-shared layers write here too
+                    _bind_output(binding, reader_key, key)
+                    _bind_output(binding, reader_value, value)
         for spec, (new_key, new_value) in zip(self._cache.specs, self._new):
             shape = (1, spec.kv_heads, t, spec.head_dim)
             new_keys.append(_prefix(new_key, shape))

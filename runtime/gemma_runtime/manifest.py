@@ -102,6 +102,10 @@ class CacheSpec:
     past_value: str
     new_key: str
     new_value: str
+    # in-place layouts: the (present_key, present_value) outputs of the KV-shared layers that read
+    # this cache (Gemma 3n): their op writes this layer's rows again, in place, so the runtime binds
+    # them to this buffer too. Absent from the JSON when empty.
+    readers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,9 @@ class Manifest:
             del raw["npu_inputs"]  # CPU/GPU manifests stay as runtimes before NPU exports read them
         if not raw["table_inputs"]:
             del raw["table_inputs"]
+        for cache in raw["caches"]:
+            if not cache["readers"]:
+                del cache["readers"]  # manifests without KV-shared readers read as before
         return json.dumps(raw, indent=2, sort_keys=False)
 
     @classmethod
@@ -225,7 +232,7 @@ class Manifest:
                 **{
                     **raw,
                     "graphs": {k: _graph(v) for k, v in raw["graphs"].items()},
-                    "caches": tuple(CacheSpec(**c) for c in raw["caches"]),
+                    "caches": tuple(_cache(c) for c in raw["caches"]),
                     "tables": {k: _table(v) for k, v in raw["tables"].items()},
                     "per_layer_inputs": (
                         PerLayerInputs(**raw["per_layer_inputs"]) if raw.get("per_layer_inputs") else None
@@ -239,6 +246,10 @@ class Manifest:
             )
         except (KeyError, TypeError) as err:
             raise ManifestError(f"manifest.json is malformed: {err}") from err
+
+
+def _cache(raw: dict[str, Any]) -> CacheSpec:
+    return CacheSpec(**{**raw, "readers": tuple(tuple(pair) for pair in raw.get("readers", ()))})
 
 
 def _tensor(raw: dict[str, Any]) -> TensorSpec:
