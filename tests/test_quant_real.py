@@ -23,8 +23,10 @@ TOKENS = 2048  # 4096 in bench/quant_quality.py; 2048 keeps this file near 3 min
 # recipe: (min top-1 agreement, max KL, max perplexity ratio). Measured on these 2048 tokens:
 # int8 98.05% / 0.00111 / 0.997, int4 (accuracy level 4, 2026-12-01) 90.97% / 0.0323 / 1.023
 # (4096 tokens: int8 98.10% / 0.0011 / 0.998, int4 90.70% / 0.0338 / 1.022, bench/int4_kernels.py).
+# Those on an AMD EPYC; on an Intel Xeon with AVX512-VNNI (2026-12-02) int4 scored 90.38% / 0.0308 /
+# 1.023: MatMulNBits' int8-activation kernels differ by CPU, so the int4 top-1 floor is the issue's 90%.
 # Issue targets: int8 98% / 1.01, int4 90% / 1.05.
-FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.905, 0.036, 1.03),
+FLOORS = {"int8": (0.975, 0.0015, 1.005), "int4": (0.90, 0.036, 1.03),
           # --lm-head 4: the 4-bit head with 512 candidates rescored from the int8 token table (passes/rescore.py);
           # measured 90.72% / 0.0345 / 1.0304 (the 4-bit head alone: ~83% / 0.09 / 1.08)
           "int4-lm-head-4": (0.90, 0.037, 1.035)}

@@ -205,6 +205,9 @@ def test_an_installed_plugin_without_devices_says_why(monkeypatch):
     monkeypatch.setattr(providers, "_plugin_devices", lambda p: [])
     monkeypatch.setattr(providers.ort, "get_ep_devices",
                         lambda: [SimpleNamespace(device=SimpleNamespace(vendor="AMD"))])
+    # on an Intel machine an earlier test may have registered the real plugin, which then lists
+    # itself among onnxruntime's available providers
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderError, match="onnxruntime-ep-openvino is installed but offers no device: its plugin "
                                             "takes Intel CPUs, GPUs and NPUs only, and this machine's devices are AMD"):
         resolve_provider("openvino", "openvino")

@@ -40,7 +40,8 @@ from .multimodal import MediaEncoders, as_list, collect_media, expand_placeholde
 from .prompt_cache import PromptCache
 from .providers import resolve_provider
 from .sampling import Sampler, SamplingConfig, greedy
-from .session_cache import graph_cache_key, open_session
+from .load_pages import release as release_load_pages
+from .session_cache import CACHED_GRAPH, cached_graph_data, graph_cache_key, open_session
 from .stop_strings import StopStrings, check_stop_strings
 from .tables import HostTableReader, table_input_arrays
 
@@ -170,6 +171,9 @@ class Model:
             key = graph_cache_key(manifest.files[graph.file], manifest.files.get(graph.data_file), provider)
         session, source = open_session(folder / graph.file, provider, threads, key)
         _check_session(session, manifest)
+        # the weights' pages that only prepacking read leave the resident set (load_pages.py)
+        release_load_pages(cached_graph_data(key) if source == CACHED_GRAPH else folder / graph.data_file
+                           if graph.data_file else None)
         fixed = _table_inputs(manifest, embed, per_layer)
         return cls(folder, manifest, session, embed, per_layer, provider, defaults, source, threads, io_binding,
                    graph_cache=graph_cache, table_inputs=fixed)

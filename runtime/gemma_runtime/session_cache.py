@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from .errors import GemmaRuntimeError, ProviderError
 from .integrity import default_cache_dir
+from .load_pages import OwnMappedWeights
 from .providers import _BY_ORT_NAME, configure_session
 
 GRAPHS = "graphs"
@@ -62,6 +63,19 @@ def _create(path: Path, options: ort.SessionOptions, provider: str) -> ort.Infer
             f"execution provider {provider!r} failed to initialize (onnxruntime chose {session.get_providers()}); "
             f"check its libraries and drivers"
         )
+    return session
+
+
+def _create_releasing_weights(path: Path, options: ort.SessionOptions, provider: str) -> ort.InferenceSession:
+    """_create, on the CPU provider with the weights over the runtime's own map, whose pages are
+    dropped while onnxruntime prepacks them (load_pages.OwnMappedWeights)."""
+    weights = OwnMappedWeights.of(path) if provider == "CPUExecutionProvider" else None
+    if weights is None:
+        return _create(path, options, provider)
+    weights.add_to(options)
+    with weights.released_while_loading():
+        session = _create(path, options, provider)
+    session._gemma_own_mapped_weights = weights  # the initializers' memory lives as long as the session
     return session
 
 
@@ -130,19 +144,28 @@ def open_cached_encoder_session(path: Path, provider: str, threads: int | None, 
     return open_compiled_session(path, provider, threads, key, cache_dir, options=_encoder_options)
 
 
+CACHED_GRAPH = "cached optimized graph"  # open_session's "how it was made" for a cache hit
+CACHED_DATA = "model.data"
+
+
+def cached_graph_data(cache_key: str, cache_dir: Path | None = None) -> Path:
+    """The weights file of the cached optimized graph under cache_key."""
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / GRAPHS / cache_key / CACHED_DATA
+
+
 def open_session(path: Path, provider: str, threads: int | None, cache_key: str | None = None,
                  cache_dir: Path | None = None, profile: str | None = None) -> tuple[ort.InferenceSession, str]:
     """(session, how it was made: "graph" | "cached optimized graph" | "graph, optimized graph saved").
     profile: a path prefix for onnxruntime's profiler trace, which turns the profiler on (no graph cache)."""
     if cache_key is None or profile is not None:
-        return _create(path, _options(threads, profile), provider), "graph"
+        return _create_releasing_weights(path, _options(threads, profile), provider), "graph"
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / GRAPHS
     entry = root / cache_key
     if (entry / "done").is_file():
         options = _options(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return _create(entry / "model.onnx", options, provider), "cached optimized graph"
+            return _create(entry / "model.onnx", options, provider), CACHED_GRAPH
         except ProviderError:
             raise
         except GemmaRuntimeError as err:
@@ -155,7 +178,7 @@ def open_session(path: Path, provider: str, threads: int | None, cache_key: str 
         return _create(path, _options(threads), provider), "graph"
     try:
         options.optimized_model_filepath = str(staging / "model.onnx")
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", CACHED_DATA)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.log_severity_level = 3  # quiet the "hardware specific optimizations" notice: the key has the machine
         session = _create(path, options, provider)
