@@ -110,3 +110,26 @@ def test_a_prompt_at_the_context_limit_is_refused(tiny):
     model = Model.load(tiny.export("gemma"))
     with pytest.raises(ContextLengthError, match="context limit"):
         model.generate_ids([2] * model.manifest.max_context, max_new_tokens=1)
+
+
+def test_kv_shared_layers_write_their_producers_buffer_in_place(tiny):
+    """Gemma 3n: the KV-shared layers' presents are bound to their producers' buffers (manifest
+    CacheSpec.readers); the bound loop and the plain session.run loop (presents copied back,
+    onnxruntime's own output buffers) give the same tokens and the same cache rows."""
+    model = Model.load(tiny.export("gemma3n"))
+    readers = {spec.layer: spec.readers for spec in model.manifest.caches if spec.readers}
+    owners = {spec.layer for spec in model.manifest.caches}
+    shared = [i for i in range(model.manifest.per_layer_inputs.num_layers) if i not in owners]
+    assert shared and sorted(int(k.split(".")[-1]) for pairs in readers.values() for k, _ in pairs) == shared
+    for spec in model.manifest.caches:
+        if spec.readers:  # a producer of KV-shared layers: linear, whatever its kind
+            assert spec.length == model.manifest.max_context
+    prompt = checkpoints.prompt_ids()
+    tokens = model.generate_ids(prompt, max_new_tokens=6)
+    filled = len(prompt) + len(tokens) - 1
+    plain = Model.load(tiny.export("gemma3n"), io_binding=False)
+    assert plain.generate_ids(prompt, max_new_tokens=6) == tokens
+    for spec, bound, copied in zip(model.manifest.caches, model._cache.keys, plain._cache.keys):
+        if spec.readers:
+            assert (np.abs(bound[0, :, :filled]).max(axis=(0, 2)) > 0).all()
+            np.testing.assert_allclose(bound[:, :, :filled], copied[:, :, :filled], atol=1e-6)

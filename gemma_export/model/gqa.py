@@ -20,6 +20,13 @@ of 5 interleaved runs, 128 new tokens, same greedy tokens): decode 0.955x after 
 prefill 0.97x / 1.11x; the KV cache at 4096 positions 144 -> 41 MiB (`gemma-export bench` peak
 RSS 672 MiB in the last stop's run of the linear one, 578 in this one).
 
+Gemma 3n's KV-shared layers (model/text.py `_fused`): the layer's node takes its producer's present
+as past and the producer's key/value inputs as its own, so it writes the producer's rows into the
+producer's buffer a second time, the same values, in place: the graph outputs `present_key.N` /
+`present_value.N` of a shared layer N are bound by the runtime to the producer's buffer (manifest
+CacheSpec.readers). A producer that KV-shared layers read keeps a linear buffer: on a windowed one
+the second node would shift the window a second time (`layer_windowed_rows`).
+
 Rotary runs inside the op (do_rotary, rotate-half) from [max_context, head_dim/2] tables, at
 positions seqlens_k + 1 - T .. seqlens_k. The chunk is never padded on these targets (T is
 symbolic), so `position` alone gives seqlens_k = position + T - 1.
