@@ -82,7 +82,7 @@ def _memory() -> dict[str, float]:
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            fields[key] = round(int(value.split()[0]) * 1024 / GIB, 2)
+            fields[key] = round(int(value.split()[0]) * 1024 / GIB, 3)
     return fields
 
 

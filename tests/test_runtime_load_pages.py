@@ -108,3 +108,21 @@ def test_the_real_export_loads_without_holding_the_weights_twice(real_270m_expor
     # panel (on E2B-shaped int4 weights: 2.11 against 2.40 GiB, bench/full_size_random.py)
     assert own["after_load"]["VmHWM"] < plain["after_load"]["VmHWM"], (own, plain)
     assert own["data_resident_mib"] < 16, own
+
+
+def test_host_table_pages_leave_and_lookups_stay_the_same(tiny):
+    """HostTableReader.release_pages (the decode loop drops the tables' pages after each prefill
+    chunk and every few steps): no page stays resident, the rows read back are the same."""
+    from gemma_runtime.manifest import read_manifest
+    from gemma_runtime.tables import HostTableReader
+
+    folder = tiny.export("gemma3n")
+    manifest = read_manifest(folder)
+    spec = manifest.tables["per_layer"]
+    table = HostTableReader.open(folder, "per_layer", spec)
+    ids = np.arange(0, spec.shape[0], 7)
+    before = table.lookup(ids).copy()
+    assert resident_kib(folder / spec.file) > 0
+    table.release_pages()
+    assert resident_kib(folder / spec.file) == 0
+    np.testing.assert_array_equal(table.lookup(ids), before)

@@ -61,6 +61,15 @@ class HostTableReader:
     scales: np.ndarray | None  # [rows] for "per_row"
     # Ids at or above this read row 0 (Gemma 3n's per-layer table is smaller than the vocab).
     row0_from: int | None = None
+    mapping: mmap.mmap | None = None  # the read-only map under data and scales
+
+    def release_pages(self) -> None:
+        """Drop the map's pages from this process (MADV_DONTNEED; a read-only shared map holds
+        none of its own, so a later lookup reads them back unchanged). The rows a prompt looked
+        up, and with a fault-around window of 64 KiB on a warm page cache the pages beside them,
+        otherwise stay resident: E2B, a 4064-token prompt, 0.15 GiB after the prefill."""
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     @classmethod
     def open(cls, folder: str | Path, name: str, spec: HostTable, row0_from: int | None = None) -> "HostTableReader":
@@ -108,7 +117,7 @@ class HostTableReader:
         scales = None
         if spec.scale_layout == "per_row":
             scales = np.frombuffer(mapped, np.dtype(spec.scale_dtype), rows, spec.scale_offset)
-        return cls(name, spec, data, scales, row0_from)
+        return cls(name, spec, data, scales, row0_from, mapped)
 
     @property
     def cols(self) -> int:
