@@ -18,7 +18,7 @@ from gemma_runtime.manifest import KV_BLOCKS, KV_SHARED_BUFFER, KV_SHARED_WINDOW
 
 from .model.gqa import CUSTOM_TRANSLATION, layer_windowed_rows
 from .model.text import GROUP_QUERY, TWO_BLOCK, TextDecoder
-from .variants import SLIDING, Variant
+from .variants import Variant
 
 OPSET = 18
 CHUNK_DIM = "T"
