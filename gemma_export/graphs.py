@@ -29,14 +29,10 @@ CHUNK_DIM = "T"
 # than the context ("shared_buffer_windowed"), else every buffer is linear ("shared_buffer")
 
 
-def _windowed(variant: Variant, layer: int, max_context: int) -> int | None:
-    return layer_windowed_rows(variant, layer, max_context)
-
-
 def kv_layout(variant: Variant, max_context: int, attention: str) -> str:
     if attention != GROUP_QUERY:
         return KV_BLOCKS
-    windowed = any(_windowed(variant, layer, max_context) for layer in variant.cache_layers)
+    windowed = any(layer_windowed_rows(variant, layer, max_context) for layer in variant.cache_layers)
     return KV_SHARED_WINDOWED if windowed else KV_SHARED_BUFFER
 
 
@@ -56,7 +52,7 @@ def cache_length(variant: Variant, layer: int, max_context: int, attention: str 
     """Positions of a layer's cache buffer: a sliding layer's is a ring of the window (two-block)
     or the op's windowed buffer of the window plus slack (group-query, model/gqa.py)."""
     if attention == GROUP_QUERY:
-        return _windowed(variant, layer, max_context) or max_context
+        return layer_windowed_rows(variant, layer, max_context) or max_context
     return variant.cache_length(layer, max_context)
 
 
