@@ -590,3 +590,41 @@ def test_calibration_collects_every_weight_matmul_input(tiny, tmp_path):
     requantize_export(ref, tmp_path / "q", make_recipe("int4"))
     record = json.loads((tmp_path / "q" / "manifest.json").read_text())["provenance"]["quant_recipe"]
     assert record["calibration"] is None and "tokenizer" in record["calibration_skipped"]
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat(bits=4, symmetric=False, affine=True), WeightFormat(bits=8),
+                                 WeightFormat(bits=8, storage="qdq")], ids=["int4-affine", "int8", "int8-qdq"])
+def test_weights_of_one_input_become_one_node(fmt):
+    """q/k/v (and gate/up) read one input in one format: one MatMulNBits of all their columns and a
+    Split, with the codes each weight gets alone, so the products equal the unfused graph's; a
+    MatMul of another input stays apart. QDQ weights (NPU targets) are not fused."""
+    rng = np.random.default_rng(7)
+    k, widths = 64, {"q": 32, "k": 16, "v": 16, "o": 64}
+    scopes = {n: f"['', 'decoder', 'decoder.layers.0.self_attn.{n}_proj', 'linear']" for n in widths}
+    inputs = {"q": "x", "k": "x", "v": "x", "o": "z"}
+    nodes = [helper.make_node("MatMul", [inputs[n], f"w{n}"], [f"y{n}"], name=f"mm_{n}") for n in widths]
+    for node, n in zip(nodes, widths):
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=scopes[n])
+    ws = {n: rng.standard_normal((k, w)).astype(np.float32) for n, w in widths.items()}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "T", k]) for x in ("x", "z")],
+                              [helper.make_tensor_value_info(f"y{n}", TensorProto.FLOAT, [1, "T", w]) for n, w in widths.items()],
+                              [numpy_helper.from_array(w, f"w{n}") for n, w in ws.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    recipe = Recipe("test", attention=fmt)
+    reports = {True: [], False: []}
+    graphs = {fuse: quantize_matmuls(model, recipe, TensorStore(), reports[fuse], fuse_siblings=fuse) for fuse in (True, False)}
+    ops = {fuse: [n.op_type for n in g.graph.node] for fuse, g in graphs.items()}
+    weight_op = "MatMulNBits" if fmt.storage == "matmulnbits" else "DequantizeLinear"
+    assert ops[False].count(weight_op) == 4 and "Split" not in ops[False]
+    if fmt.storage == "qdq":
+        assert ops[True] == ops[False]
+    else:
+        assert ops[True].count("MatMulNBits") == 2 and ops[True].count("Split") == 1
+    # each weight's own report, the same numbers as unfused
+    assert sorted((r.module, r.rel_error) for r in reports[True]) == sorted((r.module, r.rel_error) for r in reports[False])
+    feeds = {x: rng.standard_normal((1, 3, k)).astype(np.float32) for x in ("x", "z")}
+    fused, apart = _run(graphs[True], feeds), _run(graphs[False], feeds)
+    for n, a, b in zip(widths, fused, apart):
+        x = feeds[inputs[n]]
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+        assert np.abs(a - x @ ws[n]).max() <= 0.25 * np.abs(x @ ws[n]).max()  # and still the product of its own weight

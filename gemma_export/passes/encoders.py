@@ -34,7 +34,8 @@ def quantize_encoder_files(folder: Path, graph_file: str, data_file: str, fmt: W
     report: list[TensorReport] = []
     with TensorStore(base_dir=source, out_file=partial, location=data_file) as store:
         model = quantize_convs(model, store, report, tensor_class=kind, progress=progress)
-        model = quantize_matmuls(model, recipe, store, report, progress)
+        # unfused: an encoder runs once per image or clip, where a node's overhead is no matter
+        model = quantize_matmuls(model, recipe, store, report, progress, fuse_siblings=False)
         model = relocate_initializers(model, store, store)
     os.replace(partial, folder / data_file)
     onnx.save_model(model, str(folder / graph_file))
