@@ -85,21 +85,24 @@ class Attention(nn.Module):
         manifest CacheSpec.readers), so it reads the producer's cache in place.
         Returns (output, (present_key, present_value, key, value)): key/value are the op's inputs."""
         v, chunk = self.variant, x.shape[1]
-        q = self._heads(self.q_proj(x), v.num_heads)
+
+        def normed(y, norm, heads):  # a per-head norm on [1, T, heads, D], back to the op's [1, T, heads * D]
+            return norm(self._heads(y, heads)).reshape(1, chunk, -1)
+
+        # only a normed projection is reshaped: a Reshape to its own shape is still a node a step
+        q = self.q_proj(x)
         if v.qk_norm:
-            q = self.q_norm(q)
+            q = normed(q, self.q_norm, v.num_heads)
         if self.owns_kv:
-            k = self._heads(self.k_proj(x), v.num_kv_heads)
-            value = self.v_proj(x)
+            k, value = self.k_proj(x), self.v_proj(x)
             if v.qk_norm:
-                k = self.k_norm(k)
+                k = normed(k, self.k_norm, v.num_kv_heads)
             if self.v_norm is not None:
-                value = self.v_norm(self._heads(value, v.num_kv_heads))
-            k, value = k.reshape(1, chunk, -1), value.reshape(1, chunk, -1)
+                value = normed(value, self.v_norm, v.num_kv_heads)
         else:
             k, value = shared_new
         out, present_key, present_value = group_query_attention(
-            q.reshape(1, chunk, -1), k, value, *past, gqa.seqlens_k, gqa.total,
+            q, k, value, *past, gqa.seqlens_k, gqa.total,
             gqa.cos, gqa.sin, v.num_heads, v.num_kv_heads, v.attn_scale, gqa.window, int(gqa.windowed))
         return self.o_proj(out), (present_key, present_value, k, value)
 
