@@ -97,7 +97,7 @@ class _Runner:
 
         self.folder = folder
         m = self.manifest = read_manifest(folder)
-        verify_files(folder, m.files)
+        verify_files(folder, m.files, drop_cache=m.table_files)
         graph = m.graphs["decoder"]
         try:
             model = onnx.load(str(folder / graph.file), load_external_data=False)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +29,32 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "gemma_runtime"
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256 as lowercase hex (module-level so tests can count calls)."""
+def sha256_file(path: Path, drop_cache: bool = False) -> str:
+    """The file's sha256 as lowercase hex (module-level so tests can count calls). `drop_cache`:
+    the file's pages leave the page cache afterwards (drop_cached_pages)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+        if drop_cache:
+            drop_cached_pages(f.fileno())
     return digest.hexdigest()
+
+
+def drop_cached_pages(fd: int) -> None:
+    """Evict a file's clean pages from the page cache (written back first, so the export's own
+    pages go too). For the host tables that the runtime maps and reads a row at a time: a plain
+    read (the hash, the exporter's write) leaves them cached in large folios, and Linux 6.x maps
+    a whole folio into the process on a fault, so each row a step gathers then brought up to 2 MiB
+    into the RSS (E2B: 372 MiB of embed_tokens.bin after one decode step's 512 rescored rows;
+    evicted first: 2 MiB). Pages read through the MADV_RANDOM map come back one at a time."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.fdatasync(fd)  # dirty pages are not evicted
+    except OSError:
+        pass  # a read-only file system holds no dirty page
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -81,8 +100,10 @@ def _save_cache(cache_path: Path, entries: dict[str, dict]) -> None:
         pass
 
 
-def verify_files(folder: str | os.PathLike, files: Mapping[str, str], cache_dir: str | os.PathLike | None = None) -> None:
-    """Raise IntegrityError unless every listed file exists and has its listed sha256."""
+def verify_files(folder: str | os.PathLike, files: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
+                 drop_cache: Collection[str] = ()) -> None:
+    """Raise IntegrityError unless every listed file exists and has its listed sha256. The files
+    named in `drop_cache` (host tables) leave the page cache after their hash (drop_cached_pages)."""
     folder = Path(folder)
     cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
     cache = _load_cache(cache_path)
@@ -101,7 +122,7 @@ def verify_files(folder: str | os.PathLike, files: Mapping[str, str], cache_dir:
         stamp = _Stamp.of(st, expected)
         if cache.get(key) == stamp.__dict__:
             continue
-        actual = sha256_file(path)
+        actual = sha256_file(path, drop_cache=name in drop_cache)
         if actual != expected.lower():
             cache.pop(key, None)
             _save_cache(cache_path, cache)

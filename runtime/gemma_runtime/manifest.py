@@ -207,6 +207,11 @@ class Manifest:
     # embed_tokens table this way. Absent from the JSON when empty.
     table_inputs: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def table_files(self) -> frozenset[str]:
+        """The files of the host tables: mapped, and read a row at a time."""
+        return frozenset(t.file for t in self.tables.values())
+
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
         if raw["npu_inputs"] is None:

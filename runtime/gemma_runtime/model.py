@@ -158,7 +158,7 @@ class Model:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
         # Checksums before any session or memory map: a broken file must not be half-loaded.
-        verify_files(folder, manifest.files)
+        verify_files(folder, manifest.files, drop_cache=manifest.table_files)
         defaults = read_generation_defaults(folder)
         embed = HostTableReader.open(folder, "embed_tokens", manifest.tables["embed_tokens"])
         per_layer = None

@@ -138,7 +138,7 @@ class NpuModel(Model):
         provider = resolve_provider(provider, manifest.target, manifest.providers)
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
-        verify_files(folder, manifest.files)  # before any session or memory map
+        verify_files(folder, manifest.files, drop_cache=manifest.table_files)  # before any session or memory map
         defaults = read_generation_defaults(folder)
         embed = HostTableReader.open(folder, "embed_tokens", manifest.tables["embed_tokens"])
         per_layer = None
