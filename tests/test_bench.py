@@ -101,6 +101,7 @@ def test_ratios_and_goals():
     (["--genai", "/"], "not an onnxruntime-genai model folder"),
     (["--gguf", "/nonexistent.gguf"], "no such file"),
     (["--timeout", "0"], "--timeout must be positive"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(tiny, capsys, args, message):
     out = tiny.export("gemma3_sw8")
@@ -112,3 +113,20 @@ def test_bad_arguments_are_refused_before_anything_runs(tiny, capsys, args, mess
 def test_not_an_export_folder(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     assert "not a readable export folder" in capsys.readouterr().err
+
+
+def test_rounds_keep_each_figures_best():
+    """Reports of one engine from several rounds: per prompt the best decode run, the best prefill
+    and the least time to first token of any round, the least load, the largest peak RSS."""
+    from gemma_export.bench.compare import merge_rounds
+
+    def run(prompt, prefill, decode, ttft):
+        return {"prompt_tokens": prompt, "prefill_tps": prefill, "decode_tps": decode, "ttft_s": ttft, "first_ids": [prompt]}
+
+    a = {"load_s": 0.5, "peak_rss": 100, "runs": [run(128, 900.0, 80.0, 0.14), run(1024, 1000.0, 70.0, 1.0)]}
+    b = {"load_s": 0.4, "peak_rss": 120, "runs": [run(128, 1000.0, 75.0, 0.13), run(1024, 950.0, 72.0, 1.1)]}
+    merged = merge_rounds([a, b])
+    assert merged["load_s"] == 0.4 and merged["peak_rss"] == 120
+    assert [(r["prompt_tokens"], r["prefill_tps"], r["decode_tps"], r["ttft_s"]) for r in merged["runs"]] == [
+        (128, 1000.0, 80.0, 0.13), (1024, 1000.0, 72.0, 1.0)]
+    assert merge_rounds([a]) == a
