@@ -111,8 +111,9 @@ def format_table(result: dict) -> str:
 def format_header(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     cache = f", last-level cache {m['cache_bytes'] / MIB:.0f} MiB" if m["cache_bytes"] else ""
+    rounds = f" in each of {s['rounds']} rounds, engines taking turns" if s.get("rounds", 1) > 1 else ""
     return (f"export {s['export']} ({s['family']}, {s['quant']}); prompt tokens {', '.join(map(str, s['prompt_tokens']))} "
             f"(BOS + CPython docs text), {s['new_tokens']} new tokens greedy, {s['threads']} threads, "
-            f"best of {s['repeat']}\nread bandwidth {m['read_bandwidth'] / 1e9:.2f} GB/s "
+            f"best of {s['repeat']}{rounds}\nread bandwidth {m['read_bandwidth'] / 1e9:.2f} GB/s "
             f"({s['threads']} threads, numpy sum over {m['bandwidth_buffer_bytes'] / MIB:.0f} MiB{cache}); "
             f"{m['cpu']}, {m['cores']} cores")
