@@ -33,10 +33,11 @@ its own MatMulNBits (plus offsets), their outputs joined by a Concat on the last
 prepacks one weight at a time, so its start-up peak then carries a part twice, not the whole head.
 
 Weights that read one input in one format (q/k/v, gate/up) are quantized each alone and written as
-one MatMulNBits of all their columns, its output Split into theirs (sibling_groups): on Gemma 3
-270M int4 --lm-head 4 the decoder went from 548 to 494 nodes after onnxruntime's own fusions, and
-decode after a 128-token prompt from 109.6 to 125.7 tokens/s (bench/compare_exports.py, 2 threads,
-median of 5 interleaved runs; after 1024 tokens 86.0 -> 86.3), the same greedy tokens.
+one MatMulNBits of all their columns, its output Split into theirs (sibling_groups). Gemma 3 270M
+int4 --lm-head 4: 548 -> 494 decoder nodes; decode after a 128-token prompt 1.15x and 1.03x in two
+sessions of bench/compare_exports.py (2 threads, median of 5 interleaved runs; after 1024 tokens
+1.00x and 1.03x), the same greedy tokens. E2B-shaped int4: 2330 -> 2228 nodes, decode 0.98x (its
+step is ~100 ms of weight reads, not node overhead).
 """
 
 from __future__ import annotations
