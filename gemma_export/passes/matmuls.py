@@ -280,8 +280,10 @@ def quantize_matmuls(model: onnx.ModelProto, recipe: Recipe, store: TensorStore,
                 if rescoring is not None:
                     new_nodes[i] += rescoring.nodes(old.input[0], head_out, old.output[0])
                 if members is not None:
-                    new_nodes[i].append(_split_node(stem, old.output[0], [graph.node[m.nodes[0]].output[0] for m in members],
-                                                    [m.shape[1] for m in members], replaced[wm.weight]))
+                    split, sizes = _split_node(stem, old.output[0], [graph.node[m.nodes[0]].output[0] for m in members],
+                                               [m.shape[1] for m in members])
+                    new_nodes[i].append(split)
+                    replaced[wm.weight].append(sizes)
         del w
         if report is not None and err is not None:
             report.append(TensorReport(wm.module, wm.tensor_class, wm.shape, _format_name(fmt), err))
@@ -355,11 +357,10 @@ def _concat_codes(parts: list[blockwise.BlockCodes]) -> blockwise.BlockCodes:
                                 np.concatenate([p.zero_points for p in parts]), first.bits, first.symmetric, first.k)
 
 
-def _split_node(stem: str, fused: str, outputs: list[str], widths: list[int], tensors: list[onnx.TensorProto]) -> onnx.NodeProto:
-    """The Split of a fused node's output into its members' outputs; its sizes join `tensors`."""
+def _split_node(stem: str, fused: str, outputs: list[str], widths: list[int]) -> tuple[onnx.NodeProto, onnx.TensorProto]:
+    """The Split of a fused node's output into its members' outputs, and its sizes tensor."""
     sizes = numpy_helper.from_array(np.array(widths, dtype=np.int64), f"{stem}.split_sizes")
-    tensors.append(sizes)
-    return helper.make_node("Split", [fused, sizes.name], outputs, name=f"/{stem}/Split", axis=-1)
+    return helper.make_node("Split", [fused, sizes.name], outputs, name=f"/{stem}/Split", axis=-1), sizes
 
 
 def _float16_weight(w: np.ndarray, stem: str, store: TensorStore, module: str):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IntegrityError
+from .load_pages import drop_cached_pages
 
 CACHE_ENV = "GEMMA_RUNTIME_CACHE_DIR"
 CACHE_FILE = "verified.json"
@@ -31,7 +32,7 @@ def default_cache_dir() -> Path:
 
 def sha256_file(path: Path, drop_cache: bool = False) -> str:
     """The file's sha256 as lowercase hex (module-level so tests can count calls). `drop_cache`:
-    the file's pages leave the page cache afterwards (drop_cached_pages)."""
+    the file's pages leave the page cache afterwards (load_pages.drop_cached_pages)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -39,22 +40,6 @@ def sha256_file(path: Path, drop_cache: bool = False) -> str:
         if drop_cache:
             drop_cached_pages(f.fileno())
     return digest.hexdigest()
-
-
-def drop_cached_pages(fd: int) -> None:
-    """Evict a file's clean pages from the page cache (written back first, so the export's own
-    pages go too). For the host tables that the runtime maps and reads a row at a time: a plain
-    read (the hash, the exporter's write) leaves them cached in large folios, and Linux 6.x maps
-    a whole folio into the process on a fault, so each row a step gathers then brought up to 2 MiB
-    into the RSS (E2B: 372 MiB of embed_tokens.bin after one decode step's 512 rescored rows;
-    evicted first: 2 MiB). Pages read through the MADV_RANDOM map come back one at a time."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        os.fdatasync(fd)  # dirty pages are not evicted
-    except OSError:
-        pass  # a read-only file system holds no dirty page
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -103,7 +88,7 @@ def _save_cache(cache_path: Path, entries: dict[str, dict]) -> None:
 def verify_files(folder: str | os.PathLike, files: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
                  drop_cache: Collection[str] = ()) -> None:
     """Raise IntegrityError unless every listed file exists and has its listed sha256. The files
-    named in `drop_cache` (host tables) leave the page cache after their hash (drop_cached_pages)."""
+    named in `drop_cache` (host tables) leave the page cache after their hash (load_pages.drop_cached_pages)."""
     folder = Path(folder)
     cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
     cache = _load_cache(cache_path)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -200,3 +201,19 @@ def release(path: Path | None) -> int | None:
                 raise OSError(ctypes.get_errno(), f"madvise({advice}) of {path.name}'s mapping failed")
         advised += end - start
     return advised
+
+
+def drop_cached_pages(fd: int) -> None:
+    """Evict a file's clean pages from the page cache (written back first, so the export's own
+    pages go too). For the host tables that the runtime maps and reads a row at a time: a plain
+    read (the hash, the exporter's write) leaves them cached in large folios, and Linux 6.x maps
+    a whole folio into the process on a fault, so each row a step gathers then brought up to 2 MiB
+    into the RSS (E2B: 372 MiB of embed_tokens.bin after one decode step's 512 rescored rows;
+    evicted first: 2 MiB). Pages read through the MADV_RANDOM map come back one at a time."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.fdatasync(fd)  # dirty pages are not evicted
+    except OSError:
+        pass  # a read-only file system holds no dirty page
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
