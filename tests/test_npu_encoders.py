@@ -9,11 +9,11 @@ same QDQ graphs on onnxruntime's CPU provider, which the HTP must agree with. Th
 on its built-in synthetic media (npu_encoders.calibration_media), never on the files compared here.
 
 The HTP emulator runs 0.3-0.7 GMAC/s and the vision tower is 436 GMAC a forward (1235 s measured):
-here the HTP runs the audio graph and takes the vision graph (every node placed, which alone is
-the HTP's 2-6 minute graph preparation); bench/npu_encoders.py measures the vision tower's HTP-vs-CPU
-agreement, whole (cosine >= 0.99983) and block by block. Cost on two cores beyond the shared
-`multimodal` fixture: ~4 minutes (encoders built ~85 s, vision placement ~120 s, the vision QDQ/fp32
-runs ~25 s), more while other jobs share the cores. The whole NPU export with its static Gemma 3n
+here the HTP runs the audio graph (every node placed); the vision graph is checked for static shapes
+and the target's op list, and bench/npu_encoders.py measures its placement (the HTP's 2-6 minute
+graph preparation) and the vision tower's HTP-vs-CPU agreement, whole (cosine >= 0.99983) and block
+by block. Cost on two cores beyond the shared `multimodal` fixture: ~2 minutes (encoders built
+~85 s, the vision QDQ/fp32 runs ~25 s), more while other jobs share the cores. The whole NPU export with its static Gemma 3n
 decoder graphs and NpuModel (test_npu_export_with_encoders, ~3 minutes more) runs with
 GEMMA_TEST_NPU_MULTIMODAL=1 (it passed).
 """
@@ -162,20 +162,23 @@ def test_static_qdq_encoder_graphs_with_their_record(encoders, multimodal):
 
 
 def test_every_encoder_node_is_placed_on_the_htp(encoders):
-    """gemma-export check's report: static shapes, only ops of the target's list, every node of both
-    encoder graphs on the QNN provider (and the runtime's own audio session, CPU fallback off)."""
+    """gemma-export check's report: static shapes and only ops of the target's list in both encoder
+    graphs; every node of the audio graph on the QNN provider (and the runtime's own audio session,
+    CPU fallback off). The vision graph's placement is the HTP's 2-6 minute graph preparation (134 s
+    of a 35-minute CI run on 2026-12-02): bench/npu_encoders.py --parts vision measures it."""
     from gemma_export.check import check_graph
     from gemma_export.targets import load_target
 
     folder, m = encoders
     target = load_target("qnn-htp")
-    for kind in ("vision", "audio"):
+    for kind, providers in (("vision", ()), ("audio", ("qnn",))):
         spec = m.graphs[kind]
-        report = check_graph(folder, kind, spec.file, spec.data_file, target, ("qnn",))
-        print(f"\n{kind}: {report.nodes} nodes, {report.bytes / 2**20:.1f} MiB, placement {report.placements[0].nodes}")
+        report = check_graph(folder, kind, spec.file, spec.data_file, target, providers)
+        print(f"\n{kind}: {report.nodes} nodes, {report.bytes / 2**20:.1f} MiB")
         assert report.static and not report.unsupported and not report.problems(target), report.problems(target)
-        (qnn,) = report.placements  # onnxruntime's node count, after it folds the weights' DequantizeLinear
-        assert set(qnn.nodes) == {QNN} and not qnn.off_provider
+        if providers:
+            (qnn,) = report.placements  # onnxruntime's node count, after it folds the weights' DequantizeLinear
+            assert set(qnn.nodes) == {QNN} and not qnn.off_provider
     session = _session(folder / m.graphs["audio"].file, QNN)
     assert session.get_session_options().get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
 
