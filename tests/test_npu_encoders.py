@@ -13,8 +13,8 @@ here the HTP runs the audio graph (every node placed); the vision graph is check
 and the target's op list, and bench/npu_encoders.py measures its placement (the HTP's 2-6 minute
 graph preparation) and the vision tower's HTP-vs-CPU agreement, whole (cosine >= 0.99983) and block
 by block. Cost on two cores beyond the shared `multimodal` fixture: ~2 minutes (encoders built
-~85 s, the vision QDQ/fp32 runs ~25 s), more while other jobs share the cores. The whole NPU export with its static Gemma 3n
-decoder graphs and NpuModel (test_npu_export_with_encoders, ~3 minutes more) runs with
+~85 s, the vision QDQ/fp32 runs ~25 s), more while other jobs share the cores. The whole NPU export
+with its static Gemma 3n decoder graphs and NpuModel (test_npu_export_with_encoders, ~3 minutes more) runs with
 GEMMA_TEST_NPU_MULTIMODAL=1 (it passed).
 """
 
@@ -161,7 +161,7 @@ def test_static_qdq_encoder_graphs_with_their_record(encoders, multimodal):
         assert "synthetic" in record[kind]["calibration"] and record[kind]["on_host"]
 
 
-def test_every_encoder_node_is_placed_on_the_htp(encoders):
+def test_encoder_graphs_fit_the_target_and_every_audio_node_is_on_the_htp(encoders):
     """gemma-export check's report: static shapes and only ops of the target's list in both encoder
     graphs; every node of the audio graph on the QNN provider (and the runtime's own audio session,
     CPU fallback off). The vision graph's placement is the HTP's 2-6 minute graph preparation (134 s
