@@ -349,19 +349,39 @@ def _write_calibrated_export(plan: ExportPlan, out: Path, progress: Progress) ->
         shutil.rmtree(fp32_out, ignore_errors=True)
 
 
-def _calibrate(src: Path, recipe: Recipe, progress: Progress) -> tuple[Recipe, dict | None, dict]:
-    """(recipe, importance or None, what to record): the per-input-channel mean x^2 of every weight
-    MatMul of the fp32 export `src` on the calibration text (evaluate.calibration_ids: the tail of
-    CPython's docs text, disjoint from what eval scores). Without a tokenizer, uncalibrated."""
+@dataclass(frozen=True)
+class Calibration:
+    """What calibrating an fp32 export on a recipe's calibration text gave: the importance
+    statistics (None: uncalibrated, the recipe's calibration then cleared) and what the manifest
+    records. `source` and `text` name what it was measured on, so that a calibration handed to
+    requantize_export is checked against the export and recipe at hand."""
+
+    importance: dict | None
+    record: dict
+    source: Path
+    text: tuple[str | None, int]
+
+    def fits(self, src: Path, recipe: Recipe) -> bool:
+        return self.source == Path(src).resolve() and self.text == (recipe.calibration, recipe.calibration_tokens)
+
+
+def calibrate_export(src: Path, recipe: Recipe, progress: Progress | None = None) -> Calibration:
+    """The per-input-channel mean x^2 of every weight MatMul of the fp32 export `src` on the
+    recipe's calibration text (evaluate.calibration_ids: the tail of CPython's docs text, disjoint
+    from what eval scores). Without a tokenizer, uncalibrated. One calibration serves every recipe
+    of the same calibration text (requantize_export's `calibration`)."""
+    progress = progress or Progress(enabled=False)
+    text = (recipe.calibration, recipe.calibration_tokens)
+    source = Path(src).resolve()
     if recipe.calibration is None:
-        return recipe, None, {}
+        return Calibration(None, {}, source, text)
     if not (src / "tokenizer.json").is_file():
-        return dataclasses.replace(recipe, calibration=None), None, {"calibration_skipped": "the export has no tokenizer.json"}
+        return Calibration(None, {"calibration_skipped": "the export has no tokenizer.json"}, source, text)
     from .evaluate import calibration_ids, collect_importance
 
     with progress.step(f"calibrating ({recipe.calibration})"):
-        ids, text = calibration_ids(src, recipe.calibration_tokens)
-        return recipe, collect_importance(src, ids), {"calibration_text": text}
+        ids, described = calibration_ids(src, recipe.calibration_tokens)
+        return Calibration(collect_importance(src, ids), {"calibration_text": described}, source, text)
 
 
 def _quantize_decoder(folder: Path, recipe: Recipe, progress: Progress, source: Path | None = None,
@@ -400,10 +420,12 @@ def _requantize_passes(base: Manifest, asked: Sequence[str] | None) -> tuple[str
 
 
 def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress | None = None,
-                      record_source: bool = True, graph_passes: Sequence[str] | None = None) -> Manifest:
+                      record_source: bool = True, graph_passes: Sequence[str] | None = None,
+                      calibration: Calibration | None = None) -> Manifest:
     """A quantized export made from an fp32 export folder `src` (no checkpoint, no torch): the same
     passes as `gemma-export --quant`, in seconds instead of a new torch export. Benchmarks and the
-    quality tests derive their int8/int4 exports this way from one fp32 export."""
+    quality tests derive their int8/int4 exports this way from one fp32 export. `calibration`
+    (calibrate_export of `src` on the recipe's calibration text) saves running it again."""
     from gemma_runtime.manifest import read_manifest
 
     from .encoders import quantize_encoders, quantized_encoder_files
@@ -416,7 +438,14 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
     check_out_folder(out)
     passes = _requantize_passes(base, graph_passes)  # None: the source's
     recipe = load_target(base.target).stores(recipe)  # as gemma-export --target does
-    recipe, importance, calibration = _calibrate(src, recipe, progress)
+    if calibration is None:
+        calibration = calibrate_export(src, recipe, progress)
+    elif not calibration.fits(src, recipe):
+        raise ExportError(f"the calibration given was measured on {calibration.source} with {calibration.text}, "
+                          f"not on {src} with the recipe's ({recipe.calibration}, {recipe.calibration_tokens})")
+    importance = calibration.importance
+    if importance is None:
+        recipe = dataclasses.replace(recipe, calibration=None)
     tied = base.provenance.get("tied_lm_head")
     recipe = recipe.with_token_table_rows(HostRows(**tied) if tied else None)  # as gemma-export does
     with _staging_folder(out) as staging:
@@ -441,7 +470,7 @@ def requantize_export(src: Path, out: Path, recipe: Recipe, progress: Progress |
         if graph_record is not None:
             provenance["graph_passes"] = graph_record
         provenance["min_onnxruntime"] = min_onnxruntime(recipe, base.kv_layout)
-        provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration}
+        provenance["quant_recipe"] = {**_recipe_record(recipe, report), **calibration.record}
         if encoders_record:
             provenance["encoders"] = encoders_record
         if record_source:

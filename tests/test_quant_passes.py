@@ -592,6 +592,26 @@ def test_calibration_collects_every_weight_matmul_input(tiny, tmp_path):
     assert record["calibration"] is None and "tokenizer" in record["calibration_skipped"]
 
 
+def test_a_calibration_serves_only_its_own_export_and_text(tiny, tmp_path):
+    """requantize_export(calibration=...) takes calibrate_export's result for the same fp32 export
+    and calibration text (the same bytes as calibrating afresh), and refuses one of another export
+    or another text before anything is written."""
+    import dataclasses
+
+    from gemma_export.errors import ExportError
+    from gemma_export.package import calibrate_export
+
+    ref, recipe = tiny.export("gemma3_sw24"), make_recipe("int4")
+    calibration = calibrate_export(ref, recipe)
+    requantize_export(ref, tmp_path / "given", recipe, calibration=calibration)
+    requantize_export(ref, tmp_path / "afresh", recipe)
+    assert _sha(tmp_path / "given" / "decoder.data") == _sha(tmp_path / "afresh" / "decoder.data")
+    for src, other in [(tiny.export("gemma3_sw8"), recipe), (ref, dataclasses.replace(recipe, calibration_tokens=1024))]:
+        with pytest.raises(ExportError, match="calibration given was measured on"):
+            requantize_export(src, tmp_path / "refused", other, calibration=calibration)
+        assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("fmt", [WeightFormat(bits=4, symmetric=False, affine=True), WeightFormat(bits=8),
                                  WeightFormat(bits=8, storage="qdq")], ids=["int4-affine", "int8", "int8-qdq"])
 def test_weights_of_one_input_become_one_node(fmt):
