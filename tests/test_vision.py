@@ -6,13 +6,13 @@ and a Gemma3nMultimodalEmbedder (real vision hidden size 2048, tiny text hidden 
 seeded random weights. A whole Gemma3nForConditionalGeneration is not built: its tower has no
 smaller variant, and the text and audio parts play no role in get_image_features. The same
 tensors, under the checkpoint's names, go through our strict map into the export model.
-The full-size tower costs about 20 s per forward and 35 s to export on two cores: the export and
-both forwards happen once per module.
+The full-size tower costs about 20 s per forward and 35 s to export on two cores: the graph is the
+session's multimodal export's (conftest.py; its checkpoint holds these same tensors), and both
+forwards happen once per module.
 """
 
 from __future__ import annotations
 
-import shutil
 import types
 
 import numpy as np
@@ -67,7 +67,7 @@ def spec() -> VisionSpec:
 
 @pytest.fixture(scope="module")
 def tensors(spec):
-    return RandomVisionTensors(spec, seed=3)
+    return RandomVisionTensors(spec, seed=3, vocab_size=128)  # the multimodal checkpoint's (tests/multimodal_checkpoint.py)
 
 
 def _eager_image_features(tensors, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -105,13 +105,14 @@ def pixel_values(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(spec, tensors, tmp_path_factory):
-    from gemma_export.vision_graph import write_vision
+def exported(spec, multimodal):
+    """vision.onnx of the session's multimodal export (conftest.py): its checkpoint holds these same
+    tensors (tests/multimodal_checkpoint.py: RandomVisionTensors of this spec, seed 3), so the
+    full-size tower is exported once per session, by gemma-export itself."""
+    import multimodal_checkpoint
 
-    encoder = load_vision(spec, tensors)
-    folder = tmp_path_factory.mktemp("vision_export")
-    yield write_vision(encoder, folder)
-    shutil.rmtree(folder, ignore_errors=True)  # 1.1 GB, needed by this module only
+    assert vision_spec_from_config(multimodal_checkpoint.gemma3n_config().to_dict()) == spec
+    return multimodal[1] / "vision.onnx"
 
 
 def test_parity_with_eager_get_image_features(exported, tensors, pixel_values):
