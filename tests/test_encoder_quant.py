@@ -4,9 +4,9 @@
 The int4 recipe (recipes.int4) quantizes the decoder to 4 bits, but its `vision` and `audio`
 formats are 8-bit (ENCODER_W8: MatMulNBits bits=8, blocks of 32, symmetric, accuracy level 0) with
 every Conv kernel int8 per output channel behind a DequantizeLinear (passes/convs.py). These tests
-export the checkpoint with `gemma-export --quant int4` (the whole CLI path, once per session) and
-check: the ops in vision.onnx / audio.onnx against the recipe recorded in manifest.json; the soft
-embeddings on a JPEG and a WAV clip against the fp32 export's encoders (cosine and max abs diff,
+requantize the session's fp32 export with the int4 recipe (what `gemma-export --quant int4` does
+after its fp32 export, once per session) and check: the ops in vision.onnx / audio.onnx against
+the recipe recorded in manifest.json; the soft embeddings on a JPEG and a WAV clip against the fp32 export's encoders (cosine and max abs diff,
 floors set a little below what was measured); and a generate_ids call with an image and a clip.
 (test_multimodal.py's test_int8_encoders_keep_the_soft_embeddings checks the int8 recipe's
 requantized encoders by cosine only; here the figures are tied to the recipe of a real export.
@@ -15,8 +15,8 @@ projections read the graph input inputs_embeds: evaluate._Runner takes those fro
 
 Measured 2026-12-01 (2 shared cores), int4 vs fp32 soft embeddings: vision [256, 64] cosine
 0.997787 (lowest token 0.997338), max abs diff 0.237 (|fp32| max 3.37); audio [188, 64] cosine
-0.999994 (lowest token 0.999895), max abs diff 0.0380 (|fp32| max 3.08). The int4 export takes
-~60 s beside the session's fp32 one (~60-130 s, shared with test_multimodal.py and others).
+0.999994 (lowest token 0.999895), max abs diff 0.0380 (|fp32| max 3.08). Requantizing takes
+seconds beside the session's fp32 export (~60-130 s, shared with test_multimodal.py and others).
 """
 
 from __future__ import annotations
@@ -37,13 +37,16 @@ FLOORS = {"vision": {"cosine": 0.997, "row": 0.996, "max_abs": 0.3},
 
 @pytest.fixture(scope="session")
 def int4_export(multimodal, tmp_path_factory):
-    """(folder, seconds): `gemma-export --quant int4` of the multimodal test checkpoint."""
-    from gemma_export.cli import main
+    """(folder, seconds): the int4 export of the multimodal test checkpoint, requantized from the
+    session's fp32 export: `gemma-export --quant int4` does the same (package._write_calibrated_export
+    writes the fp32 export and requantizes it; test_quant_passes.py checks that both write the same
+    bytes), without a second full-size vision export."""
+    from gemma_export.package import requantize_export
+    from gemma_export.recipes import make_recipe
 
     out = tmp_path_factory.mktemp("multimodal-int4") / "out"
     t = time.perf_counter()
-    assert main(["--checkpoint", str(multimodal[1].parent / "checkpoint"), "--quant", "int4", "--max-context",
-                 str(MAX_CONTEXT), "--prefill-chunk", str(PREFILL_CHUNK), "--quiet", str(out)]) == 0
+    requantize_export(multimodal[1], out, make_recipe("int4"))
     return out, time.perf_counter() - t
 
 
