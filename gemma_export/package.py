@@ -370,9 +370,9 @@ def calibrate_export(src: Path, recipe: Recipe, progress: Progress | None = None
     recipe's calibration text (evaluate.calibration_ids: the tail of CPython's docs text, disjoint
     from what eval scores). Without a tokenizer, uncalibrated. One calibration serves every recipe
     of the same calibration text (requantize_export's `calibration`)."""
-    progress = progress or Progress(enabled=False)
+    progress, src = progress or Progress(enabled=False), Path(src)
     text = (recipe.calibration, recipe.calibration_tokens)
-    source = Path(src).resolve()
+    source = src.resolve()
     if recipe.calibration is None:
         return Calibration(None, {}, source, text)
     if not (src / "tokenizer.json").is_file():

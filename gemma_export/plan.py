@@ -117,7 +117,10 @@ def make_plan(req: ExportRequest) -> ExportPlan:
     if limit is not None and req.max_context > limit:
         raise ExportError(f"--max-context {req.max_context} exceeds the model's max_position_embeddings ({limit})")
     recipe = load_target(req.target).stores(make_recipe(req.quant, req.recipe_options))
-    check_recipe_fits(recipe, contraction_dims(variant))
+    dims = contraction_dims(variant)
+    if req.recipe_options.block_size is None:  # a 4-bit head's default block, on a narrow model
+        recipe = recipe.with_head_block_at_most(dims["lm_head"])
+    check_recipe_fits(recipe, dims)
     encoders = _encoder_config(variant, config, req.text_only)
     tied = token_table_rows(variant, tensors, encoders)
     recipe = recipe.with_token_table_rows(tied)  # no second copy of the head's rows

@@ -20,7 +20,7 @@ from gemma_export.errors import ExportError
 from gemma_export.passes import TensorStore, quantize_matmuls
 from gemma_export.passes.logits import all_positions_logits
 from gemma_export.passes.rescore import int8_rows
-from gemma_export.recipes import Recipe, RecipeOptions, WeightFormat, make_recipe
+from gemma_export.recipes import LM_HEAD4_BLOCK, Recipe, RecipeOptions, WeightFormat, make_recipe
 from test_quant_passes import unpack_matmulnbits
 
 D, V, T = 64, 300, 5
@@ -124,7 +124,11 @@ def test_the_eval_variant_scores_every_position_the_same_way():
 def test_a_4_bit_head_is_rescored_unless_told_otherwise():
     assert make_recipe("int4").lm_head_rescore == 0 and make_recipe("int4").lm_head.bits == 8
     four = make_recipe("int4", RecipeOptions(lm_head_bits=4))
-    assert four.lm_head.bits == 4 and four.lm_head.block_size == 64 and four.lm_head_rescore == 512
+    assert four.lm_head.bits == 4 and four.lm_head.block_size == LM_HEAD4_BLOCK == 128 and four.lm_head_rescore == 512
+    assert four.with_head_block_at_most(64).lm_head.block_size == 64  # a narrow model's head (the CLI lowers it)
+    assert four.with_head_block_at_most(640).lm_head == four.lm_head
+    given = make_recipe("int4", RecipeOptions(lm_head_bits=4, block_size=32))
+    assert given.lm_head.block_size == 32 and given.with_head_block_at_most(640) == given
     assert make_recipe("int4", RecipeOptions(lm_head_bits=4, lm_head_rescore=0)).lm_head_rescore == 0
     assert make_recipe("int8", RecipeOptions(lm_head_bits=4, lm_head_rescore=64)).lm_head_rescore == 64
     assert make_recipe("int4", RecipeOptions(lm_head_bits=32)).lm_head is None
@@ -186,6 +190,7 @@ def test_a_tied_export_binds_the_token_table_as_its_rows(tiny, tmp_path, monkeyp
         m.setattr(plan_module, "token_table_rows", lambda *a: None)
         assert export_main([*args, str(tmp_path / "own")]) == 0
     manifest = json.loads((tmp_path / "table" / "manifest.json").read_text())
+    assert manifest["provenance"]["quant_recipe"]["lm_head"]["block_size"] == 64  # LM_HEAD4_BLOCK lowered to K = 64
     assert manifest["table_inputs"] == {"lm_head_rows": "embed_tokens.data", "lm_head_row_scales": "embed_tokens.scales"}
     assert "table_inputs" not in json.loads((tmp_path / "own" / "manifest.json").read_text())
     vocab, hidden = manifest["vocab_size"], manifest["hidden_size"]
