@@ -245,8 +245,9 @@ def int4() -> Recipe:
     (128: 90.7% / 0.032 / 1.025; speed not measured apart: 5 MiB more a step).
     `--lm-head 4` makes the LM head 4-bit with its best LM_HEAD_RESCORE candidates rescored from
     int8 rows (passes/rescore.py): 90.5% / 0.035 / 1.026 (head blocks of 64; 0.036 / 1.028 with
-    128) and decode another 1.13-1.33x; its blocks are LM_HEAD4_BLOCK (128) since 2026-12-07. A head tied to the int8 token table reads those rows from
-    the table itself (recipe.lm_head_rows, manifest.table_inputs): on the 270M the export is 375 MiB (370 with the head in blocks of 128)
+    128) and decode another 1.13-1.33x; its blocks are LM_HEAD4_BLOCK (128) since 2026-12-07. A
+    head tied to the int8 token table reads those rows from the table itself (recipe.lm_head_rows,
+    manifest.table_inputs): on the 270M the export is 375 MiB (370 with the head in blocks of 128)
     instead of 536 with the rows in decoder.data (the int8-head default: 455), at the same quality
     (first 2048 tokens: 91.11% / 0.0331 / 1.0284 either way); an untied head keeps its own copy.
     The 4-bit head without rescoring: 83.3% / 0.088 / 1.085.
