@@ -53,6 +53,13 @@ backed after prefill); run `sync` first. MLP blocks of 64 would save ~0.27 GiB m
 270M they cost too much (`--block-size 64`: 87.3% / KL 0.062 / ppl ratio 1.074 against 91.1% /
 0.033 / 1.028 for blocks of 32, first 2048 tokens).
 
+Rerun 2026-12-07 on this 2-core machine (AMD EPYC) with the 4-bit head in blocks of 128
+(recipes.LM_HEAD4_BLOCK): `gemma-export --variant e2b --random-weights --quant int4 --lm-head 4 --rtn
+/work/full/e2b-int4`: export 212 s, peak RSS 4.14 GiB, 4202 MiB on disk; then `python
+bench/full_size_random.py --work /work/full --role ours --threads 2 --prompt-tokens 4064 --steps 16
+--cold` (our runtime only): peak RSS 2.30 GiB at 4080 positions (after load 2.07: 2.01 anonymous;
+after prefill 2.27), prefill 79.8 tokens/s, decode 8.29 tokens/s at that context.
+
 Each of export, our runtime and eager transformers runs in a process of its own, so each peak RSS
 is that process's own (VmHWM; ru_maxrss would carry the parent's peak over fork and exec).
 Not a test: eager E2B in fp32 needs ~22 GB of memory, and an fp32 export ~20 GB of disk.
