@@ -45,7 +45,7 @@ what the decode goal against onnxruntime-genai's int4 build costs in quality.
 In `gemma-export bench` beside genai's own build (168 MiB a step either way; its top-1 is 63.6% at
 4096 tokens, bench/genai_quality.py), the genai-like export decoded at 1.07x / 1.11x of genai after
 128 / 1024 tokens, prefill 2.67x / 2.42x: our graph and loop are faster on the same weights, and the
-int4 recipe's 0.82x / 0.86x (same session) is the price of its quality (affine MLP offsets: 1.12x
+int4 recipe's 0.82-0.97x / 0.86-0.89x (two runs of the same session) is the price of its quality (affine MLP offsets: 1.12x
 of decode; int8 attention and the rescored head: 1.04x more).
 
 Float zero points run onnxruntime's slow path; so does any 8-bit weight below level 4 (the int4
