@@ -147,8 +147,8 @@ class Recipe:
         head = self.lm_head
         if head is None or head.bits != 4 or head.block_size <= k:
             return self
-        fits = [b for b in BLOCK_SIZES if b <= k]
-        return self if not fits else dataclasses.replace(self, lm_head=dataclasses.replace(head, block_size=fits[-1]))
+        fits = largest_block_at_most(k)
+        return self if fits is None else dataclasses.replace(self, lm_head=dataclasses.replace(head, block_size=fits))
 
     def encoder_format(self, graph: str) -> WeightFormat | None:
         """The format of the encoder graph `graph` ("vision" or "audio")."""
@@ -357,6 +357,11 @@ def make_recipe(name: str, options: RecipeOptions = RecipeOptions()) -> Recipe:
     return recipe
 
 
+def largest_block_at_most(k: int) -> int | None:
+    """The largest of BLOCK_SIZES that fits a weight of K = `k`, or None."""
+    return max((b for b in BLOCK_SIZES if b <= k), default=None)
+
+
 def check_recipe_fits(recipe: Recipe, contraction_dims: dict[str, int]) -> None:
     """A block must fit the weight's K (the contraction dimension) of every class it applies to:
     e.g. block 128 on a 64-wide tiny model would pad every block with dead weights."""
@@ -365,5 +370,5 @@ def check_recipe_fits(recipe: Recipe, contraction_dims: dict[str, int]) -> None:
         if fmt is not None and fmt.bits in (4, 8) and fmt.block_size > k:
             raise ExportError(
                 f"block size {fmt.block_size} exceeds K = {k} of the {cls} weights of this model: "
-                f"choose --block-size {max([b for b in BLOCK_SIZES if b <= k], default=BLOCK_SIZES[0])} or less"
+                f"choose --block-size {largest_block_at_most(k) or BLOCK_SIZES[0]} or less"
             )

@@ -6,8 +6,9 @@ formats are 8-bit (ENCODER_W8: MatMulNBits bits=8, blocks of 32, symmetric, accu
 every Conv kernel int8 per output channel behind a DequantizeLinear (passes/convs.py). These tests
 requantize the session's fp32 export with the int4 recipe (what `gemma-export --quant int4` does
 after its fp32 export, once per session) and check: the ops in vision.onnx / audio.onnx against
-the recipe recorded in manifest.json; the soft embeddings on a JPEG and a WAV clip against the fp32 export's encoders (cosine and max abs diff,
-floors set a little below what was measured); and a generate_ids call with an image and a clip.
+the recipe recorded in manifest.json; the soft embeddings on a JPEG and a WAV clip against the fp32
+export's encoders (cosine and max abs diff, floors set a little below what was measured); and a
+generate_ids call with an image and a clip.
 (test_multimodal.py's test_int8_encoders_keep_the_soft_embeddings checks the int8 recipe's
 requantized encoders by cosine only; here the figures are tied to the recipe of a real export.
 The export also runs int4's calibration on a Gemma 3n decoder, whose AltUp and per-layer
